@@ -1,0 +1,168 @@
+// Package autotls makes a go-libp2p host dialable from web browsers.
+//
+// Browsers only speak TLS with a certificate from a public CA, and a CA only
+// issues for domain names, which libp2p peers do not have. With [Option], a
+// host obtains a certificate for *.<peerid>.libp2p.direct from Let's
+// Encrypt through the AutoTLS broker (which fulfils the ACME DNS-01
+// challenge after checking, with a libp2p dial-back, that the host owns its
+// PeerID and is reachable), serves Secure WebSockets with it, and announces
+// addresses such as
+//
+//	/ip4/203.0.113.1/tcp/4001/tls/sni/203-0-113-1.k51qzi5uqu5d….libp2p.direct/ws
+//
+// which js-libp2p in a browser dials directly: no gateway, no WebRTC
+// signalling. The forge's DNS answers 203-0-113-1.<peerid>.libp2p.direct
+// with 203.0.113.1 without any registration.
+//
+//	h, err := libp2p.New(autotls.Option())
+//
+// It does not make a host reachable: the host needs a public IP address or
+// a forwarded TCP port, and waits until AutoNAT confirms one before asking
+// for a certificate. It does not run the broker or the forge's DNS.
+//
+// Keep the identity key and the storage ([WithStorage]) persistent. Let's
+// Encrypt issues at most five certificates for the same name per week, and
+// the name is derived from the PeerID: a node that loses its storage on
+// every restart is soon refused for days.
+package autotls
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/event"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/transport"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
+	"github.com/libp2p/go-libp2p/p2p/transport/tcpreuse"
+	ws "github.com/libp2p/go-libp2p/p2p/transport/websocket"
+	ma "github.com/multiformats/go-multiaddr"
+	"go.uber.org/fx"
+)
+
+// Option returns a libp2p option that gives the host a browser-trusted
+// certificate and Secure WebSocket listeners. It adds to the host:
+//
+//   - a WebSocket transport serving the certificate (it replaces a
+//     WebSocket transport configured elsewhere; other transports, given or
+//     default, are kept);
+//   - a WSS listener /ipX/<ip>/tcp/<port>/tls/sni/*.<forge>/ws on the IP and
+//     port of every TCP listener, sharing the TCP port (it turns on
+//     libp2p.ShareTCPListener), or exactly the /tls/sni/*.<forge>/ws listen
+//     addresses given with libp2p.ListenAddrs, if any. The listeners are open
+//     while a valid certificate is loaded;
+//   - an address factory, run after any given with libp2p.AddrsFactory,
+//     that announces those listeners as browser-dialable addresses while
+//     the certificate is valid (public ones only unless
+//     [WithAllowPrivateAddrs]);
+//   - a certificate manager started and stopped with the host: it serves a
+//     stored certificate at once, otherwise waits for public reachability,
+//     the registration delay and broker health, obtains one, and renews it
+//     before it expires. Its state is published on the host's event bus as
+//     [EvtCertificateLoaded], [EvtCertificateExpired] and
+//     [EvtIssuanceFailed].
+//
+// Options are checked when libp2p.New applies this option; an error there
+// says what to change. Option cannot be combined with
+// libp2p.PrivateNetwork: browsers cannot join a private network.
+func Option(opts ...Opt) libp2p.Option {
+	return func(cfg *libp2p.Config) error {
+		c, err := newConfig(opts)
+		if err != nil {
+			return fmt.Errorf("autotls: %w", err)
+		}
+		if len(cfg.PSK) > 0 {
+			return errors.New("autotls: cannot be used with libp2p.PrivateNetwork: browsers cannot join a private network; remove one of the two")
+		}
+		m := newManager(c)
+		cfg.ShareTCPListener = true
+		var once sync.Once
+		cfg.UserFxOptions = append(cfg.UserFxOptions,
+			// Runs while the host is being built, after every libp2p option
+			// (in any order) has been applied: the moment to wrap the final
+			// address factory and take our listen addresses.
+			fx.Decorate(func(b event.Bus) event.Bus {
+				once.Do(func() { m.configure(cfg) })
+				return b
+			}),
+			fx.Decorate(fx.Annotate(m.transports,
+				fx.ParamTags(`group:"transport"`),
+				fx.ResultTags(`group:"transport"`))),
+			fx.Invoke(func(h host.Host, sw *swarm.Swarm, key crypto.PrivKey, lc fx.Lifecycle) error {
+				if err := m.attach(h, sw, key); err != nil {
+					return fmt.Errorf("autotls: %w", err)
+				}
+				lc.Append(fx.Hook{OnStart: m.onStart, OnStop: m.onStop})
+				return nil
+			}),
+		)
+		return nil
+	}
+}
+
+// configure takes the final libp2p configuration: it wraps the address
+// factory and keeps the user's forge listen addresses for itself (they are
+// opened once a certificate is loaded).
+func (m *manager) configure(cfg *libp2p.Config) {
+	cfg.AddrsFactory = m.wrapAddrsFactory(cfg.AddrsFactory)
+	var keep []ma.Multiaddr
+	for _, a := range cfg.ListenAddrs {
+		if isForgeListenAddr(a, m.cfg.forgeDomain) {
+			m.userWSS = append(m.userWSS, a)
+			continue
+		}
+		keep = append(keep, a)
+	}
+	if len(m.userWSS) > 0 {
+		cfg.ListenAddrs = keep
+	}
+}
+
+// transports puts a WebSocket transport that serves our certificate in the
+// host's transport set, in place of any other WebSocket transport.
+func (m *manager) transports(tpts []transport.Transport, u transport.Upgrader, rcmgr network.ResourceManager, shared *tcpreuse.ConnMgr) ([]transport.Transport, error) {
+	out := make([]transport.Transport, 0, len(tpts)+1)
+	for _, t := range tpts {
+		if _, ok := t.(*ws.WebsocketTransport); ok {
+			continue
+		}
+		out = append(out, t)
+	}
+	w, err := ws.New(u, rcmgr, shared, ws.WithTLSConfig(m.tlsConfig()))
+	if err != nil {
+		return nil, fmt.Errorf("autotls: creating the WebSocket transport: %w", err)
+	}
+	return append(out, w), nil
+}
+
+// tlsConfig is the server configuration of the WSS listeners: the current
+// certificate, picked per handshake so that a renewal needs no restart.
+func (m *manager) tlsConfig() *tls.Config {
+	return &tls.Config{
+		MinVersion:     tls.VersionTLS12,
+		GetCertificate: m.getCertificate,
+	}
+}
+
+var errNoCertificate = errors.New("autotls: no certificate loaded yet")
+
+// getCertificate returns the certificate for a ClientHello naming
+// <label>.<peerid>.<forge>, the only names the wildcard covers.
+func (m *manager) getCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	c := m.cert.Load()
+	if c == nil {
+		return nil, errNoCertificate
+	}
+	sni := strings.ToLower(strings.TrimSuffix(hello.ServerName, "."))
+	label, ok := strings.CutSuffix(sni, "."+m.domain)
+	if !ok || label == "" || strings.Contains(label, ".") {
+		return nil, fmt.Errorf("autotls: no certificate for server name %q", hello.ServerName)
+	}
+	return c.tls, nil
+}

@@ -1,0 +1,49 @@
+package autotls
+
+import "time"
+
+// CertSource says where a loaded certificate came from.
+type CertSource string
+
+const (
+	// FromStorage: a valid certificate found in storage at start.
+	FromStorage CertSource = "storage"
+	// Obtained: a certificate issued for the first time.
+	Obtained CertSource = "obtained"
+	// Renewed: a certificate issued to replace one that was due for renewal.
+	Renewed CertSource = "renewed"
+)
+
+// EvtCertificateLoaded is emitted on the host's event bus each time a
+// certificate starts being served: at start from storage, after the first
+// issuance, and after each renewal. The emitter is stateful, so a late
+// subscriber receives the current certificate.
+type EvtCertificateLoaded struct {
+	// Names are the certificate's DNS names: *.<peerid>.<forge-domain>.
+	Names []string
+	// NotBefore and NotAfter bound the certificate's validity.
+	NotBefore, NotAfter time.Time
+	// Source says where it came from.
+	Source CertSource
+}
+
+// EvtCertificateExpired is emitted when the served certificate expires
+// without a replacement. The WSS listeners close and their addresses are
+// withdrawn until a new certificate is loaded.
+type EvtCertificateExpired struct {
+	Names    []string
+	NotAfter time.Time
+}
+
+// EvtIssuanceFailed is emitted when an attempt to obtain or renew the
+// certificate fails. The certificate in use, if any, stays in use.
+type EvtIssuanceFailed struct {
+	// Err is the cause; a *[BrokerError] when the broker refused.
+	Err error
+	// Attempt counts consecutive failures, from 1.
+	Attempt int
+	// NextRetry is when the next attempt is due.
+	NextRetry time.Time
+	// Renewal is true when a valid certificate is still being served.
+	Renewal bool
+}

@@ -1,0 +1,527 @@
+package autotls
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/event"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
+	ma "github.com/multiformats/go-multiaddr"
+	"go.uber.org/zap"
+)
+
+// Retry bounds for failed issuance. Each failure waits longer, with jitter
+// so that many nodes failing together do not return together; a broker's or
+// CA's Retry-After is always honoured in full.
+const (
+	defaultRetryBase = time.Minute
+	defaultRetryMax  = 6 * time.Hour
+	// unreachableMin: the broker could not dial us back. Retrying quickly
+	// cannot help until the network changes.
+	unreachableMin = 15 * time.Minute
+	// storageLoadTimeout bounds the synchronous storage read on start.
+	storageLoadTimeout = 5 * time.Second
+)
+
+// servedCert is the certificate in use and its parsed leaf.
+type servedCert struct {
+	tls  *tls.Certificate
+	leaf *x509.Certificate
+}
+
+// manager owns the certificate of one host: it loads, obtains, renews and
+// serves it, and rewrites the host's addresses while it is valid.
+type manager struct {
+	cfg *config
+	log *slog.Logger
+
+	// Set by attach, before the host starts.
+	host   host.Host
+	sw     *swarm.Swarm
+	id     peer.ID
+	name   string // *.<b36>.<forge>
+	domain string // <b36>.<forge>
+	broker *brokerClient
+	issuer *acmeIssuer
+	magic  *certmagic.Config
+	cache  *certmagic.Cache
+
+	emLoaded, emExpired, emFailed event.Emitter
+
+	// userWSS are forge listen addresses the user listed; nil means one per
+	// TCP listener.
+	userWSS []ma.Multiaddr
+
+	cert atomic.Pointer[servedCert]
+	reach reachability
+
+	listenMu  sync.Mutex
+	wssAddrs  []ma.Multiaddr // to listen on while a certificate is valid
+	listening bool
+
+	retryBase, retryMax time.Duration
+	// kick makes the run loop issue or renew at once instead of waiting.
+	kick chan struct{}
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	start  time.Time
+}
+
+func newManager(c *config) *manager {
+	m := &manager{cfg: c, log: c.logger, retryBase: defaultRetryBase, retryMax: defaultRetryMax, kick: make(chan struct{}, 1)}
+	if c.onManager != nil {
+		c.onManager(m)
+	}
+	return m
+}
+
+// attach binds the manager to its host; it runs while the host is built.
+func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error {
+	m.host, m.sw, m.id = h, sw, h.ID()
+	m.name = certName(m.id, m.cfg.forgeDomain)
+	m.domain = certDomain(m.id, m.cfg.forgeDomain)
+	m.log = m.log.With("peer", m.id.String())
+
+	broker, err := newBrokerClient(brokerConfig{
+		Endpoint:    m.cfg.registrationEndpoint,
+		Key:         key,
+		HTTPClient:  m.cfg.httpClient,
+		UserAgent:   m.cfg.userAgent,
+		AccessToken: m.cfg.accessToken,
+		Now:         m.cfg.now,
+	})
+	if err != nil {
+		return err
+	}
+	m.broker = broker
+	solver := &dns01Solver{broker: broker, resolver: m.cfg.resolver, addrs: m.brokerAddrs}
+	m.issuer = newACMEIssuer(issuerConfig{
+		caURL:        m.cfg.caURL,
+		roots:        m.cfg.caRoots,
+		userAgent:    broker.userAgent,
+		email:        m.cfg.email,
+		profile:      m.cfg.profile,
+		pollInterval: m.cfg.acmePollInterval,
+		storage:      m.cfg.storage,
+		solver:       solver,
+		log:          quietLogger(m.log.With("component", "acme")),
+		current:      m.currentLeaf,
+		now:          m.cfg.now,
+	})
+
+	bus := h.EventBus()
+	if m.emLoaded, err = bus.Emitter(new(EvtCertificateLoaded), eventbus.Stateful); err != nil {
+		return fmt.Errorf("creating the certificate event emitter: %w", err)
+	}
+	if m.emExpired, err = bus.Emitter(new(EvtCertificateExpired)); err != nil {
+		return fmt.Errorf("creating the expiry event emitter: %w", err)
+	}
+	if m.emFailed, err = bus.Emitter(new(EvtIssuanceFailed), eventbus.Stateful); err != nil {
+		return fmt.Errorf("creating the failure event emitter: %w", err)
+	}
+	return nil
+}
+
+// newCertmagic builds certmagic's cache and config explicitly: no package
+// defaults. Renewal is scheduled by the manager (so that every goroutine is
+// joined on close and every retry honours Retry-After), hence the cache's
+// own maintenance is set never to come due.
+func (m *manager) newCertmagic() {
+	zl := zap.New(newSlogCore(m.log.With("component", "certmagic")))
+	var magic *certmagic.Config
+	m.cache = certmagic.NewCache(certmagic.CacheOptions{
+		GetConfigForCert:   func(certmagic.Certificate) (*certmagic.Config, error) { return magic, nil },
+		RenewCheckInterval: 100 * 365 * 24 * time.Hour,
+		OCSPCheckInterval:  100 * 365 * 24 * time.Hour,
+		Logger:             zl,
+	})
+	magic = certmagic.New(m.cache, certmagic.Config{
+		Storage:    m.cfg.storage,
+		Issuers:    []certmagic.Issuer{m.issuer},
+		Logger:     zl,
+		OCSP:       certmagic.OCSPConfig{DisableStapling: true},
+		DisableARI: true,
+	})
+	m.magic = magic
+}
+
+// onStart runs when the host starts, after its listeners are open. A valid
+// stored certificate is served before it returns, so the host's first
+// addresses already include the browser-dialable ones.
+func (m *manager) onStart(ctx context.Context) error {
+	m.start = m.cfg.now()
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	m.newCertmagic()
+	m.planListeners()
+
+	sub, err := m.host.EventBus().Subscribe([]any{new(event.EvtHostReachableAddrsChanged), new(event.EvtLocalReachabilityChanged)})
+	if err != nil {
+		return fmt.Errorf("autotls: subscribing to reachability events: %w", err)
+	}
+	m.wg.Add(1)
+	go m.watchReachability(sub)
+
+	loadCtx, cancel := context.WithTimeout(ctx, storageLoadTimeout)
+	stored, loadErr := m.loadStored(loadCtx)
+	cancel()
+	if stored != nil {
+		m.serve(stored, FromStorage)
+	}
+	m.wg.Add(1)
+	go m.run(loadErr)
+	return nil
+}
+
+// onStop runs on host.Close: it cancels every wait and joins every
+// goroutine the manager started, certmagic's included.
+func (m *manager) onStop(context.Context) error {
+	if m.cancel != nil {
+		m.cancel()
+	}
+	m.wg.Wait()
+	if m.cache != nil {
+		m.cache.Stop()
+	}
+	return errors.Join(closeEmitter(m.emLoaded), closeEmitter(m.emExpired), closeEmitter(m.emFailed))
+}
+
+func closeEmitter(e event.Emitter) error {
+	if e == nil {
+		return nil
+	}
+	return e.Close()
+}
+
+// run is the manager's one long-lived goroutine: gates before the first
+// issuance, then issuance and renewal with backoff, until the host closes.
+func (m *manager) run(loadErr error) {
+	defer m.wg.Done()
+	ctx := m.ctx
+	if m.cert.Load() == nil {
+		if loadErr != nil && !errors.Is(loadErr, fs.ErrNotExist) {
+			m.log.Warn("stored certificate not usable; a new one will be requested", "err", loadErr)
+		}
+		if !m.waitGates(ctx) {
+			return
+		}
+	}
+
+	var attempt int
+	var retryAt time.Time
+	var lastErr string
+	for {
+		due := m.cfg.now()
+		if cur := m.cert.Load(); cur != nil {
+			due = m.renewAt(cur.leaf)
+		}
+		if retryAt.After(due) {
+			due = retryAt
+		}
+		if !m.waitUntil(ctx, due) {
+			return
+		}
+		renewal := m.cert.Load() != nil
+		err := m.issue(ctx, renewal)
+		if ctx.Err() != nil {
+			return
+		}
+		if err == nil {
+			attempt, retryAt, lastErr = 0, time.Time{}, ""
+			continue
+		}
+		attempt++
+		delay := m.retryDelay(attempt, err)
+		retryAt = m.cfg.now().Add(delay)
+		level := slog.LevelWarn
+		if err.Error() == lastErr {
+			level = slog.LevelDebug // the same failure again: said once already
+		}
+		lastErr = err.Error()
+		m.log.Log(ctx, level, describeFailure(err), "renewal", renewal, "attempt", attempt, "retry_in", delay.Round(time.Second), "err", err)
+		_ = m.emFailed.Emit(EvtIssuanceFailed{Err: err, Attempt: attempt, NextRetry: retryAt, Renewal: renewal})
+	}
+}
+
+// issue obtains (or renews) the certificate and serves it.
+func (m *manager) issue(ctx context.Context, renewal bool) error {
+	var err error
+	if renewal {
+		err = m.magic.RenewCertSync(ctx, m.name, true)
+	} else {
+		err = m.magic.ObtainCertSync(ctx, m.name)
+	}
+	if err != nil {
+		return err
+	}
+	c, err := m.loadStored(ctx)
+	if err != nil {
+		return fmt.Errorf("loading the issued certificate: %w", err)
+	}
+	if cur := m.cert.Load(); renewal && cur != nil && c.leaf.Equal(cur.leaf) {
+		return errors.New("renewal stored no new certificate")
+	}
+	src := Obtained
+	if renewal {
+		src = Renewed
+	}
+	m.serve(c, src)
+	return nil
+}
+
+// loadStored reads the certificate and key from storage and checks them:
+// the name must be exactly ours, the key must match, and it must be valid
+// now. An expired certificate is deleted (a CA will not renew what it no
+// longer considers current); a corrupt or foreign one is reported and left
+// to be overwritten by the next issuance.
+func (m *manager) loadStored(ctx context.Context) (*servedCert, error) {
+	ik := m.issuer.IssuerKey()
+	certPEM, err := m.cfg.storage.Load(ctx, certmagic.StorageKeys.SiteCert(ik, m.name))
+	if err != nil {
+		return nil, fmt.Errorf("reading the certificate from storage: %w", err)
+	}
+	keyPEM, err := m.cfg.storage.Load(ctx, certmagic.StorageKeys.SitePrivateKey(ik, m.name))
+	if err != nil {
+		return nil, fmt.Errorf("reading the certificate key from storage: %w", err)
+	}
+	c, err := m.checkCert(certPEM, keyPEM)
+	if err != nil {
+		var exp *expiredError
+		if errors.As(err, &exp) {
+			m.log.Info("stored certificate expired; deleting it so that a fresh one is issued", "not_after", exp.notAfter)
+			m.deleteStored(ctx)
+		}
+		return nil, err
+	}
+	return c, nil
+}
+
+type expiredError struct{ notAfter time.Time }
+
+func (e *expiredError) Error() string { return "certificate expired at " + e.notAfter.Format(time.RFC3339) }
+
+// checkCert parses a PEM certificate chain and key and verifies that they
+// belong together, name exactly our wildcard, and are valid now.
+func (m *manager) checkCert(certPEM, keyPEM []byte) (*servedCert, error) {
+	tc, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("certificate and key in storage do not form a pair: %w", err)
+	}
+	leaf := tc.Leaf
+	if leaf == nil {
+		if leaf, err = x509.ParseCertificate(tc.Certificate[0]); err != nil {
+			return nil, fmt.Errorf("parsing the stored certificate: %w", err)
+		}
+		tc.Leaf = leaf
+	}
+	if len(leaf.DNSNames) != 1 || !strings.EqualFold(leaf.DNSNames[0], m.name) {
+		return nil, fmt.Errorf("stored certificate is for %v, not %s", leaf.DNSNames, m.name)
+	}
+	now := m.cfg.now()
+	if now.After(leaf.NotAfter) {
+		return nil, &expiredError{leaf.NotAfter}
+	}
+	if now.Before(leaf.NotBefore.Add(-time.Hour)) {
+		return nil, fmt.Errorf("stored certificate is not valid before %s", leaf.NotBefore.Format(time.RFC3339))
+	}
+	return &servedCert{tls: &tc, leaf: leaf}, nil
+}
+
+func (m *manager) deleteStored(ctx context.Context) {
+	ik := m.issuer.IssuerKey()
+	for _, k := range []string{
+		certmagic.StorageKeys.SiteCert(ik, m.name),
+		certmagic.StorageKeys.SitePrivateKey(ik, m.name),
+		certmagic.StorageKeys.SiteMeta(ik, m.name),
+	} {
+		if err := m.cfg.storage.Delete(ctx, k); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			m.log.Warn("could not delete the expired certificate from storage", "key", k, "err", err)
+		}
+	}
+}
+
+// serve makes c the certificate in use, opens the WSS listeners if they
+// are not open, and refreshes the host's addresses.
+func (m *manager) serve(c *servedCert, src CertSource) {
+	m.cert.Store(c)
+	m.log.Info("certificate loaded", "source", string(src), "name", m.name, "not_after", c.leaf.NotAfter.Format(time.RFC3339))
+	m.openListeners()
+	_ = m.emLoaded.Emit(EvtCertificateLoaded{
+		Names:     append([]string(nil), c.leaf.DNSNames...),
+		NotBefore: c.leaf.NotBefore,
+		NotAfter:  c.leaf.NotAfter,
+		Source:    src,
+	})
+}
+
+// expire withdraws a certificate that lapsed without a replacement.
+func (m *manager) expire(c *servedCert) {
+	if !m.cert.CompareAndSwap(c, nil) {
+		return
+	}
+	m.log.Warn("certificate expired without renewal; browser addresses withdrawn until a new one is issued", "not_after", c.leaf.NotAfter.Format(time.RFC3339))
+	m.closeListeners()
+	_ = m.emExpired.Emit(EvtCertificateExpired{Names: append([]string(nil), c.leaf.DNSNames...), NotAfter: c.leaf.NotAfter})
+}
+
+func (m *manager) currentLeaf() *x509.Certificate {
+	if c := m.cert.Load(); c != nil {
+		return c.leaf
+	}
+	return nil
+}
+
+// renewAt is when the certificate should be renewed: with a third of its
+// lifetime left (half, for lifetimes under ten days), as Let's Encrypt
+// recommends when ARI gives no window.
+func (m *manager) renewAt(leaf *x509.Certificate) time.Time {
+	if m.cfg.renewBefore != nil {
+		return m.cfg.renewBefore(leaf.NotBefore, leaf.NotAfter)
+	}
+	life := leaf.NotAfter.Sub(leaf.NotBefore)
+	left := life / 3
+	if life < 10*24*time.Hour {
+		left = life / 2
+	}
+	return leaf.NotAfter.Add(-left)
+}
+
+// waitUntil sleeps until t, withdrawing the certificate if it expires in
+// the meantime. It returns false when the host is closing.
+func (m *manager) waitUntil(ctx context.Context, t time.Time) bool {
+	for {
+		now := m.cfg.now()
+		if !now.Before(t) {
+			return true
+		}
+		wake := t
+		cur := m.cert.Load()
+		if cur != nil && cur.leaf.NotAfter.Before(wake) {
+			if !now.Before(cur.leaf.NotAfter) {
+				m.expire(cur)
+				continue
+			}
+			wake = cur.leaf.NotAfter
+		}
+		t := time.NewTimer(wake.Sub(now))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return false
+		case <-m.kick:
+			t.Stop()
+			return true
+		case <-t.C:
+		}
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// retryDelay is the wait before attempt+1: exponential from retryBase to
+// retryMax with jitter in [d/2, d], never less than a Retry-After, longer
+// when retrying cannot help soon.
+func (m *manager) retryDelay(attempt int, err error) time.Duration {
+	d := m.retryBase
+	for i := 1; i < attempt && d < m.retryMax; i++ {
+		d *= 2
+	}
+	d = min(d, m.retryMax)
+	var be *BrokerError
+	if errors.As(err, &be) {
+		switch {
+		case be.Unreachable():
+			d = max(d, min(unreachableMin, m.retryMax))
+		case !be.Temporary():
+			d = m.retryMax
+		}
+	}
+	d = d/2 + rand.N(d/2+1)
+	if be != nil && be.RetryAfter > d {
+		d = be.RetryAfter
+	}
+	return d
+}
+
+// describeFailure is the operator-facing sentence for a failed attempt.
+func describeFailure(err error) string {
+	var be *BrokerError
+	if errors.As(err, &be) {
+		switch {
+		case be.Unreachable():
+			return "certificate request failed: the broker could not dial this node back; check that its TCP port is reachable from the internet (port forwarding, UPnP, firewall)"
+		case be.StatusCode == 403:
+			return "certificate request refused by the broker (403): check the access token (WithAccessToken, FORGE_ACCESS_TOKEN) or whether this address is denylisted"
+		case be.StatusCode == 0:
+			return "certificate request failed: the broker is unreachable"
+		case be.Temporary():
+			return "certificate request failed: the broker is temporarily unavailable"
+		default:
+			return "certificate request refused by the broker"
+		}
+	}
+	return "certificate request failed"
+}
+
+// waitGates blocks until a first certificate request can succeed and be
+// used: the registration delay has passed, the host is publicly reachable
+// over TCP (unless private addresses are allowed), and the broker is
+// healthy. It returns false when the host is closing.
+func (m *manager) waitGates(ctx context.Context) bool {
+	if d := m.cfg.registrationDelay - m.cfg.now().Sub(m.start); d > 0 {
+		m.log.Info("waiting for the registration delay before requesting a certificate", "delay", d.Round(time.Second))
+		if !sleepCtx(ctx, d) {
+			return false
+		}
+	}
+	if !m.cfg.allowPrivate && !m.waitReachable(ctx) {
+		return false
+	}
+	for attempt := 1; ; attempt++ {
+		err := m.broker.health(ctx)
+		if err == nil {
+			return true
+		}
+		if ctx.Err() != nil {
+			return false
+		}
+		delay := m.retryDelay(attempt, err)
+		level := slog.LevelWarn
+		if attempt > 1 {
+			level = slog.LevelDebug
+		}
+		m.log.Log(ctx, level, "broker health check failed; waiting before requesting a certificate", "endpoint", m.cfg.registrationEndpoint, "retry_in", delay.Round(time.Second), "err", err)
+		_ = m.emFailed.Emit(EvtIssuanceFailed{Err: err, Attempt: attempt, NextRetry: m.cfg.now().Add(delay)})
+		if !sleepCtx(ctx, delay) {
+			return false
+		}
+	}
+}
