@@ -9,11 +9,11 @@ import (
 	_ "github.com/letsencrypt/pebble/v2/wfe"
 	_ "github.com/libp2p/go-libp2p"
 	_ "github.com/libp2p/go-libp2p/p2p/http/auth"
-	_ "github.com/libp2p/go-libp2p/p2p/transport/websocket"
 	_ "github.com/libp2p/go-libp2p/p2p/protocol/ping"
+	_ "github.com/libp2p/go-libp2p/p2p/transport/websocket"
 	_ "github.com/mholt/acmez/v3"
 	_ "github.com/miekg/dns"
-	_ "github.com/multiformats/go-multibase"
 	_ "github.com/multiformats/go-multiaddr-dns"
+	_ "github.com/multiformats/go-multibase"
 	_ "go.uber.org/fx"
 )

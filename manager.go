@@ -67,7 +67,7 @@ type manager struct {
 	// TCP listener.
 	userWSS []ma.Multiaddr
 
-	cert atomic.Pointer[servedCert]
+	cert  atomic.Pointer[servedCert]
 	reach reachability
 
 	listenMu  sync.Mutex
@@ -314,7 +314,9 @@ func (m *manager) loadStored(ctx context.Context) (*servedCert, error) {
 
 type expiredError struct{ notAfter time.Time }
 
-func (e *expiredError) Error() string { return "certificate expired at " + e.notAfter.Format(time.RFC3339) }
+func (e *expiredError) Error() string {
+	return "certificate expired at " + e.notAfter.Format(time.RFC3339)
+}
 
 // checkCert parses a PEM certificate chain and key and verifies that they
 // belong together, name exactly our wildcard, and are valid now.
