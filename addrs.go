@@ -117,14 +117,14 @@ func (m *manager) waitReachable(ctx context.Context) bool {
 			m.log.Info("waiting for a publicly reachable TCP address before requesting a certificate (AutoNAT); forward the TCP port or enable UPnP (libp2p.NATPortMap) if this lasts")
 			logged = true
 		}
-		t := time.NewTimer(backoff)
+		c, stop := m.cfg.clock.NewTimer(backoff)
 		select {
 		case <-ctx.Done():
-			t.Stop()
+			stop()
 			return false
 		case <-changed:
-			t.Stop()
-		case <-t.C:
+			stop()
+		case <-c:
 			backoff = min(backoff*2, time.Minute)
 		}
 	}
@@ -211,7 +211,7 @@ func (m *manager) wrapAddrsFactory(user func([]ma.Multiaddr) []ma.Multiaddr) fun
 func (m *manager) rewriteAddrs(in []ma.Multiaddr) []ma.Multiaddr {
 	forge := m.cfg.forgeDomain
 	cur := m.cert.Load()
-	valid := cur != nil && m.cfg.now().Before(cur.leaf.NotAfter)
+	valid := cur != nil && m.cfg.clock.Now().Before(cur.leaf.NotAfter)
 	out := make([]ma.Multiaddr, 0, len(in))
 	for _, a := range in {
 		if !isForgeListenAddr(a, forge) {

@@ -105,7 +105,7 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 		HTTPClient:  m.cfg.httpClient,
 		UserAgent:   m.cfg.userAgent,
 		AccessToken: m.cfg.accessToken,
-		Now:         m.cfg.now,
+		Now:         m.cfg.clock.Now,
 	})
 	if err != nil {
 		return err
@@ -123,7 +123,7 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 		solver:       solver,
 		log:          quietLogger(m.log.With("component", "acme")),
 		current:      m.currentLeaf,
-		now:          m.cfg.now,
+		now:          m.cfg.clock.Now,
 	})
 
 	bus := h.EventBus()
@@ -166,7 +166,7 @@ func (m *manager) newCertmagic() {
 // stored certificate is served before it returns, so the host's first
 // addresses already include the browser-dialable ones.
 func (m *manager) onStart(ctx context.Context) error {
-	m.start = m.cfg.now()
+	m.start = m.cfg.clock.Now()
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	m.newCertmagic()
 	m.planListeners()
@@ -227,7 +227,7 @@ func (m *manager) run(loadErr error) {
 	var retryAt time.Time
 	var lastErr string
 	for {
-		due := m.cfg.now()
+		due := m.cfg.clock.Now()
 		if cur := m.cert.Load(); cur != nil {
 			due = m.renewAt(cur.leaf)
 		}
@@ -248,7 +248,7 @@ func (m *manager) run(loadErr error) {
 		}
 		attempt++
 		delay := m.retryDelay(attempt, err)
-		retryAt = m.cfg.now().Add(delay)
+		retryAt = m.cfg.clock.Now().Add(delay)
 		level := slog.LevelWarn
 		if err.Error() == lastErr {
 			level = slog.LevelDebug // the same failure again: said once already
@@ -335,7 +335,7 @@ func (m *manager) checkCert(certPEM, keyPEM []byte) (*servedCert, error) {
 	if len(leaf.DNSNames) != 1 || !strings.EqualFold(leaf.DNSNames[0], m.name) {
 		return nil, fmt.Errorf("stored certificate is for %v, not %s", leaf.DNSNames, m.name)
 	}
-	now := m.cfg.now()
+	now := m.cfg.clock.Now()
 	if now.After(leaf.NotAfter) {
 		return nil, &expiredError{leaf.NotAfter}
 	}
@@ -408,7 +408,7 @@ func (m *manager) renewAt(leaf *x509.Certificate) time.Time {
 // the meantime. It returns false when the host is closing.
 func (m *manager) waitUntil(ctx context.Context, t time.Time) bool {
 	for {
-		now := m.cfg.now()
+		now := m.cfg.clock.Now()
 		if !now.Before(t) {
 			return true
 		}
@@ -421,29 +421,31 @@ func (m *manager) waitUntil(ctx context.Context, t time.Time) bool {
 			}
 			wake = cur.leaf.NotAfter
 		}
-		t := time.NewTimer(wake.Sub(now))
+		c, stop := m.cfg.clock.NewTimer(wake.Sub(now))
 		select {
 		case <-ctx.Done():
-			t.Stop()
+			stop()
 			return false
 		case <-m.kick:
-			t.Stop()
+			stop()
 			return true
-		case <-t.C:
+		case <-c:
 		}
 	}
 }
 
-func sleepCtx(ctx context.Context, d time.Duration) bool {
+// sleep waits d on the manager's clock; it returns false when the host is
+// closing.
+func (m *manager) sleep(ctx context.Context, d time.Duration) bool {
 	if d <= 0 {
 		return ctx.Err() == nil
 	}
-	t := time.NewTimer(d)
-	defer t.Stop()
+	c, stop := m.cfg.clock.NewTimer(d)
+	defer stop()
 	select {
 	case <-ctx.Done():
 		return false
-	case <-t.C:
+	case <-c:
 		return true
 	}
 }
@@ -498,9 +500,9 @@ func describeFailure(err error) string {
 // over TCP (unless private addresses are allowed), and the broker is
 // healthy. It returns false when the host is closing.
 func (m *manager) waitGates(ctx context.Context) bool {
-	if d := m.cfg.registrationDelay - m.cfg.now().Sub(m.start); d > 0 {
+	if d := m.cfg.registrationDelay - m.cfg.clock.Now().Sub(m.start); d > 0 {
 		m.log.Info("waiting for the registration delay before requesting a certificate", "delay", d.Round(time.Second))
-		if !sleepCtx(ctx, d) {
+		if !m.sleep(ctx, d) {
 			return false
 		}
 	}
@@ -521,8 +523,8 @@ func (m *manager) waitGates(ctx context.Context) bool {
 			level = slog.LevelDebug
 		}
 		m.log.Log(ctx, level, "broker health check failed; waiting before requesting a certificate", "endpoint", m.cfg.registrationEndpoint, "retry_in", delay.Round(time.Second), "err", err)
-		_ = m.emFailed.Emit(EvtIssuanceFailed{Err: err, Attempt: attempt, NextRetry: m.cfg.now().Add(delay)})
-		if !sleepCtx(ctx, delay) {
+		_ = m.emFailed.Emit(EvtIssuanceFailed{Err: err, Attempt: attempt, NextRetry: m.cfg.clock.Now().Add(delay)})
+		if !m.sleep(ctx, delay) {
 			return false
 		}
 	}

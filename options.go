@@ -48,7 +48,7 @@ type config struct {
 	httpClient           *http.Client
 
 	// Knobs for this package's tests; not public API.
-	now              func() time.Time
+	clock            clock
 	renewBefore      func(notBefore, notAfter time.Time) time.Time
 	profile          string
 	acmePollInterval time.Duration
@@ -229,7 +229,7 @@ func newConfig(opts []Opt) (*config, error) {
 		forgeDomain: DefaultForgeDomain,
 		caURL:       DefaultCA,
 		resolver:    net.DefaultResolver,
-		now:         time.Now,
+		clock:       realClock{},
 	}
 	for _, o := range opts {
 		if o == nil {
