@@ -1,0 +1,56 @@
+package testforge
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
+	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
+	ma "github.com/multiformats/go-multiaddr"
+)
+
+// dialBack proves that id is reachable at one of addrs, as the public broker
+// does (protocol §2.5): a fresh host dials {id, addrs}; success means a
+// secured connection to id on any address. Identify is awaited briefly but
+// its failure is not fatal. The returned error's text is what the broker
+// puts after "error testing addresses: ".
+func (f *Forge) dialBack(ctx context.Context, id peer.ID, addrs []string) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(f.ctx, cancel)() // Close aborts the probe
+
+	h, err := libp2p.New(f.dialBackOptions()...)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = h.Close() }()
+
+	maddrs := make([]ma.Multiaddr, 0, len(addrs))
+	for _, s := range addrs {
+		a, err := ma.NewMultiaddr(s)
+		if err != nil {
+			return err
+		}
+		maddrs = append(maddrs, a)
+	}
+
+	h.Peerstore().AddAddrs(id, maddrs, peerstore.TempAddrTTL)
+	conn, err := h.Network().DialPeer(ctx, id)
+	if err != nil {
+		return fmt.Errorf("failed to dial: %w", err)
+	}
+
+	if ids, ok := h.(interface{ IDService() identify.IDService }); ok {
+		t := time.NewTimer(identifyTimeout)
+		defer t.Stop()
+		select {
+		case <-ids.IDService().IdentifyWait(conn):
+		case <-t.C:
+		case <-ctx.Done():
+		}
+	}
+	return nil
+}
