@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"math/rand/v2"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -75,6 +76,9 @@ type manager struct {
 	listening bool
 
 	retryBase, retryMax time.Duration
+	// idle are HTTP transports of ours whose idle connections close with
+	// the host.
+	idle []interface{ CloseIdleConnections() }
 	// kick makes the run loop issue or renew at once instead of waiting.
 	kick chan struct{}
 
@@ -99,10 +103,18 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 	m.domain = certDomain(m.id, m.cfg.forgeDomain)
 	m.log = m.log.With("peer", m.id.String())
 
+	hc := m.cfg.httpClient
+	if hc == nil {
+		// Our own transport, so that its idle connections can be closed
+		// with the host rather than linger in http.DefaultTransport.
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		m.idle = append(m.idle, tr)
+		hc = &http.Client{Transport: tr, Timeout: 90 * time.Second}
+	}
 	broker, err := newBrokerClient(brokerConfig{
 		Endpoint:    m.cfg.registrationEndpoint,
 		Key:         key,
-		HTTPClient:  m.cfg.httpClient,
+		HTTPClient:  hc,
 		UserAgent:   m.cfg.userAgent,
 		AccessToken: m.cfg.accessToken,
 		Now:         m.cfg.clock.Now,
@@ -125,6 +137,7 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 		current:      m.currentLeaf,
 		now:          m.cfg.clock.Now,
 	})
+	m.idle = append(m.idle, m.issuer.client.HTTPClient)
 
 	bus := h.EventBus()
 	if m.emLoaded, err = bus.Emitter(new(EvtCertificateLoaded), eventbus.Stateful); err != nil {
@@ -198,6 +211,9 @@ func (m *manager) onStop(context.Context) error {
 	m.wg.Wait()
 	if m.cache != nil {
 		m.cache.Stop()
+	}
+	for _, t := range m.idle {
+		t.CloseIdleConnections()
 	}
 	return errors.Join(closeEmitter(m.emLoaded), closeEmitter(m.emExpired), closeEmitter(m.emFailed))
 }
