@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
@@ -37,7 +38,7 @@ type response struct {
 }
 
 // do sends an authenticated request to /v1/_acme-challenge.
-func (c *client) do(t *testing.T, method string, body []byte, header http.Header) response {
+func (c *client) do(t testing.TB, method string, body []byte, header http.Header) response {
 	t.Helper()
 	req, err := http.NewRequestWithContext(t.Context(), method, c.f.BrokerURL+challengePath, bytes.NewReader(body))
 	if err != nil {
@@ -58,7 +59,7 @@ func (c *client) do(t *testing.T, method string, body []byte, header http.Header
 	return response{resp.StatusCode, string(b), resp.Header}
 }
 
-func registrationBody(t *testing.T, value string, h host.Host) []byte {
+func registrationBody(t testing.TB, value string, h host.Host) []byte {
 	t.Helper()
 	var addrs []string
 	if h != nil {
@@ -182,6 +183,7 @@ func TestBrokerErrors(t *testing.T) {
 		{"no addresses", http.MethodPost, raw(`{"value":"` + v + `","addresses":[]}`), 400, "", "error testing addresses: failed to dial: "},
 		{"bad multiaddr", http.MethodPost, raw(`{"value":"` + v + `","addresses":["/ip4/nope"]}`), 400, "", "error testing addresses: "},
 		{"unreachable", http.MethodPost, raw(`{"value":"` + v + `","addresses":["` + closedAddr + `"]}`), 400, "", "error testing addresses: failed to dial: "},
+		{"body too large", http.MethodPost, bytes.Repeat([]byte(" "), maxBodySize+1), 500, "error reading body: http: request body too large", ""},
 		{"non-loopback refused", http.MethodPost, raw(`{"value":"` + v + `","addresses":["/ip4/192.0.2.1/tcp/4001"]}`), 400, "", "error testing addresses: failed to dial: "},
 	}
 	for _, tt := range tests {
@@ -288,4 +290,62 @@ func TestBrokerFault(t *testing.T) {
 func portOf(a net.Addr) string {
 	_, port, _ := net.SplitHostPort(a.String())
 	return port
+}
+
+// Close aborts a dial-back stuck on an address that accepts but never
+// answers, rather than waiting for libp2p's timeouts.
+func TestCloseAbortsDialBack(t *testing.T) {
+	f, err := Start(Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, id := seededKey(t, 2)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	held := make(chan net.Conn, 1)
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			held <- c // never speaks
+		}
+	}()
+	body := []byte(`{"value":"` + digest("x") + `","addresses":["/ip4/127.0.0.1/tcp/` + portOf(ln.Addr()) + `"]}`)
+
+	c := newClient(f, key)
+	req, err := http.NewRequest(http.MethodPost, f.BrokerURL+challengePath, bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, resp, err := c.auth.AuthenticatedDo(c.http, req)
+		if err == nil {
+			resp.Body.Close()
+		}
+		done <- err
+	}()
+	var conn net.Conn
+	select {
+	case conn = <-held:
+		defer conn.Close()
+	case err := <-done:
+		t.Fatalf("request ended before the dial-back reached the listener: %v", err)
+	}
+
+	closed := make(chan error, 1)
+	go func() { closed <- f.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close blocked behind a dial-back")
+	}
+	<-done
+	if _, ok := f.TXT(id); ok {
+		t.Fatal("an aborted registration stored a value")
+	}
 }

@@ -25,10 +25,12 @@ const directPollInterval = 5 * time.Millisecond
 // the full AutoTLS flow is measured against. certKey is the certificate's
 // key. The chains are as Pebble returns them, leaf first.
 func (f *Forge) IssueDirect(ctx context.Context, id peer.ID, certKey crypto.Signer) ([]acme.Certificate, error) {
+	httpClient := f.CAClient()
+	defer httpClient.CloseIdleConnections()
 	client := &acmez.Client{
 		Client: &acme.Client{
 			Directory:    f.CAURL,
-			HTTPClient:   f.CAClient(),
+			HTTPClient:   httpClient,
 			UserAgent:    "autotls-testforge",
 			PollInterval: directPollInterval,
 			Logger:       quiet(f.log.With("component", "acme-direct")),

@@ -152,15 +152,10 @@ func setEnv(vars map[string]string) (restore func()) {
 }
 
 func (p *pebble) client() *http.Client {
-	return &http.Client{
-		Transport: &http.Transport{
-			TLSClientConfig:   &tls.Config{RootCAs: p.caRoots},
-			ForceAttemptHTTP2: false,
-			// Loopback only: never consult proxy settings.
-			Proxy: nil,
-		},
-		Timeout: time.Minute,
-	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.Proxy = nil // loopback only: never consult proxy settings
+	tr.TLSClientConfig = &tls.Config{RootCAs: p.caRoots}
+	return &http.Client{Transport: tr, Timeout: time.Minute}
 }
 
 // close stops the ACME endpoint, waiting for in-flight requests, then the
