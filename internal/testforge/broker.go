@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"time"
@@ -54,8 +53,10 @@ func startBroker(f *Forge) (*broker, error) {
 		return nil, fmt.Errorf("generating broker key: %w", err)
 	}
 	b := &broker{f: f}
-	b.srv = httptest.NewUnstartedServer(http.HandlerFunc(b.serveHTTP))
-	b.srv.Config.ErrorLog = slog.NewLogLogger(f.log.Handler(), slog.LevelDebug)
+	b.srv, err = newLoopbackServer(http.HandlerFunc(b.serveHTTP), f.log.With("component", "broker"))
+	if err != nil {
+		return nil, err
+	}
 	host := b.srv.Listener.Addr().String()
 	b.auth = &httppeeridauth.ServerPeerIDAuth{
 		PrivKey:  key,

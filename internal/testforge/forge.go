@@ -153,6 +153,7 @@ func Start(cfg Config) (*Forge, error) {
 
 	f.dns, err = startDNS(f)
 	if err != nil {
+		f.cancel()
 		return nil, fmt.Errorf("testforge: starting DNS server: %w", err)
 	}
 	f.DNSAddr = f.dns.addr

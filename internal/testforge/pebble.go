@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"fmt"
+	"io"
 	"log"
 	"log/slog"
 	"math/big"
@@ -50,7 +51,7 @@ type pebble struct {
 func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.Int64) (*pebble, error) {
 	plog := slog.NewLogLogger(logger.Handler(), slog.LevelDebug)
 	if cfg.Logger == nil {
-		plog = log.New(discard{}, "", 0) // skip Pebble's formatting work
+		plog = log.New(io.Discard, "", 0) // log skips formatting for io.Discard
 	}
 
 	var validity uint64 // 0: Pebble's default
@@ -75,12 +76,15 @@ func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.
 		return nil, fmt.Errorf("making the ACME endpoint's TLS certificate: %w", err)
 	}
 	acmeHandler := frontEnd.Handler()
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv, err := newLoopbackServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		count.Add(1)
 		acmeHandler.ServeHTTP(w, r)
-	}))
+	}), logger)
+	if err != nil {
+		stopVA(v, logger)
+		return nil, err
+	}
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{tlsCert}}
-	srv.Config.ErrorLog = slog.NewLogLogger(logger.Handler(), slog.LevelDebug)
 	srv.StartTLS()
 
 	caRoots := x509.NewCertPool()
@@ -125,6 +129,25 @@ func newVAAndWFE(cfg Config, plog *log.Logger, store *db.MemoryStore, authority 
 	frontEnd := wfe.New(plog, store, v, authority, nil, false, false,
 		max(cfg.RetryAfterAuthz, 0), max(cfg.RetryAfterOrder, 0))
 	return v, frontEnd
+}
+
+// newLoopbackServer returns an unstarted test server listening on
+// 127.0.0.1, logging its errors (e.g. TLS handshake failures) at debug.
+// Unlike httptest.NewUnstartedServer it returns an error rather than panic
+// when it cannot listen.
+func newLoopbackServer(h http.Handler, logger *slog.Logger) (*httptest.Server, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("listening on loopback: %w", err)
+	}
+	return &httptest.Server{
+		Listener: ln,
+		Config: &http.Server{
+			Handler:           h,
+			ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+			ReadHeaderTimeout: time.Minute,
+		},
+	}, nil
 }
 
 // setEnv sets the given variables and returns a function that restores
@@ -215,7 +238,3 @@ func selfSignedLoopbackCert() (tls.Certificate, *x509.Certificate, error) {
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, leaf, nil
 }
-
-type discard struct{}
-
-func (discard) Write(p []byte) (int, error) { return len(p), nil }
