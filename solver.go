@@ -32,6 +32,14 @@ type dns01Solver struct {
 	addrs func() ([]ma.Multiaddr, error)
 	// waitTimeout bounds Wait; zero means txtWaitTimeout.
 	waitTimeout time.Duration
+	// trace is the issuer's trace hook; nil in production.
+	trace func(tracePoint)
+}
+
+func (s *dns01Solver) at(p tracePoint) {
+	if s.trace != nil {
+		s.trace(p)
+	}
 }
 
 var (
@@ -43,6 +51,7 @@ var (
 // TXT record _acme-challenge.<peerid>.<forge>. The broker dials the host
 // back on the addresses sent before it accepts.
 func (s *dns01Solver) Present(ctx context.Context, chal acme.Challenge) error {
+	s.at(tracePresenting)
 	addrs, err := s.addrs()
 	if err != nil {
 		return err
@@ -50,6 +59,7 @@ func (s *dns01Solver) Present(ctx context.Context, chal acme.Challenge) error {
 	if err := s.broker.register(ctx, chal.DNS01KeyAuthorization(), addrs); err != nil {
 		return fmt.Errorf("registering the DNS-01 challenge with the broker: %w", err)
 	}
+	s.at(tracePresented)
 	return nil
 }
 
@@ -72,6 +82,7 @@ func (s *dns01Solver) Wait(ctx context.Context, chal acme.Challenge) error {
 	for {
 		txts, err := s.resolver.LookupTXT(ctx, name)
 		if err == nil && slices.Contains(txts, want) {
+			s.at(traceVisible)
 			return nil
 		}
 		if err != nil {

@@ -1,0 +1,747 @@
+package autotls
+
+// Benchmarks of the figures in design.md ("What must hold"), against the
+// in-process forge on loopback. docs/performance.md has the figures, the
+// machine and the commands. Each benchmark reports its figures with
+// b.ReportMetric; no timing is asserted anywhere.
+//
+// The hosts run with the production defaults (poll intervals, backoffs),
+// only pointed at the forge: benchOpts, unlike forgeOpts, sets no test
+// knob.
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/mholt/acmez/v3/acme"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/p2ptls/autotls/internal/testforge"
+	"github.com/p2ptls/autotls/storage"
+)
+
+var benchLogger = slog.New(slog.DiscardHandler)
+
+// benchOpts are the production defaults pointed at the forge.
+func benchOpts(f *testforge.Forge, extra ...Opt) []Opt {
+	return append([]Opt{
+		WithForgeDomain(f.Domain),
+		WithRegistrationEndpoint(f.BrokerURL),
+		WithCA(f.CAURL, f.CARoots),
+		WithAllowPrivateAddrs(),
+		WithResolver(f.Resolver()),
+		WithLogger(benchLogger),
+	}, extra...)
+}
+
+// benchHost builds a loopback host with autotls pointed at f. The caller
+// closes it.
+func benchHost(b *testing.B, f *testforge.Forge, key crypto.PrivKey, opts ...Opt) host.Host {
+	b.Helper()
+	all := append(f.HostOptions(), libp2p.Identity(key), Option(benchOpts(f, opts...)...))
+	h, err := libp2p.New(all...)
+	if err != nil {
+		b.Fatalf("libp2p.New: %v", err)
+	}
+	return h
+}
+
+func benchKey(b *testing.B) crypto.PrivKey {
+	b.Helper()
+	k, _, err := crypto.GenerateEd25519Key(rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return k
+}
+
+// nextCert waits for the host's next certificate event on sub.
+func nextCert(b *testing.B, sub <-chan any, timeout time.Duration) time.Time {
+	b.Helper()
+	select {
+	case <-sub:
+		return time.Now()
+	case <-time.After(timeout):
+		b.Fatalf("no certificate within %v", timeout)
+	}
+	return time.Time{}
+}
+
+// ---- Phase tracing ----
+
+// Phases of one issuance, in order; each ends where the next begins, so
+// they add up to the time to certificate.
+var phaseNames = []string{
+	"host",     // libp2p.New: build and start the host
+	"health",   // the run loop's gates and the broker health check
+	"prep",     // certmagic: storage check, lock, key, CSR
+	"account",  // ACME account registration (fresh identity, fresh storage)
+	"order",    // new order and its authorization
+	"register", // PeerID auth and registration: the broker dials back
+	"txt",      // until the TXT record is visible
+	"validate", // challenge initiated, authorization polled until valid
+	"finalize", // finalize, order polled until valid, chain downloaded
+	"store",    // certmagic stores it; the manager loads and serves it
+}
+
+// issuanceTrace records when one host's issuance reaches each point. It
+// is written by the manager's run goroutine and read once the certificate
+// event has been received.
+type issuanceTrace struct {
+	start, built, health time.Time
+	points               [traceIssued + 1]time.Time
+	loaded               time.Time
+
+	mu sync.Mutex
+	ca []caRequest
+}
+
+// caRequest is one request to the CA as the issuer's client saw it.
+type caRequest struct {
+	url        string
+	start, end time.Time
+	retryAfter string
+}
+
+func (t *issuanceTrace) at(p tracePoint) {
+	if t.points[p].IsZero() {
+		t.points[p] = time.Now()
+	}
+}
+
+// marks returns the phase boundaries, a missing point taking the time of
+// the next one (so its phase reads zero).
+func (t *issuanceTrace) marks() []time.Time {
+	m := []time.Time{t.start, t.built, t.health}
+	m = append(m, t.points[:]...)
+	m = append(m, t.loaded)
+	for i := len(m) - 2; i >= 0; i-- {
+		if m[i].IsZero() {
+			m[i] = m[i+1]
+		}
+	}
+	return m
+}
+
+// phases returns each phase's duration in milliseconds.
+func (t *issuanceTrace) phases() []float64 {
+	m := t.marks()
+	out := make([]float64, len(m)-1)
+	for i := range out {
+		out[i] = ms(m[i+1].Sub(m[i]))
+	}
+	return out
+}
+
+// install hooks t into m's issuer and solver, and records the issuer's CA
+// requests. It runs on the manager's run goroutine (from the first broker
+// health check, which comes before any issuance), so that the hooks are
+// written by the goroutine that reads them.
+func (t *issuanceTrace) install(m *manager) {
+	m.issuer.trace = t.at
+	m.issuer.client.ChallengeSolvers[acme.ChallengeTypeDNS01].(*dns01Solver).trace = t.at
+	hc := m.issuer.client.HTTPClient
+	hc.Transport = &caRecorder{next: hc.Transport, t: t}
+}
+
+type caRecorder struct {
+	next http.RoundTripper
+	t    *issuanceTrace
+}
+
+func (r *caRecorder) RoundTrip(req *http.Request) (*http.Response, error) {
+	rec := caRequest{url: req.URL.String(), start: time.Now()}
+	resp, err := r.next.RoundTrip(req)
+	rec.end = time.Now()
+	if resp != nil {
+		rec.retryAfter = resp.Header.Get("Retry-After")
+	}
+	r.t.mu.Lock()
+	r.t.ca = append(r.t.ca, rec)
+	r.t.mu.Unlock()
+	return resp, err
+}
+
+// retryAfterSlack returns, for every CA response that carried a
+// Retry-After, how long after the time it named the client's next request
+// to the same URL started (negative: earlier).
+func (t *issuanceTrace) retryAfterSlack() []time.Duration {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []time.Duration
+	for i, r := range t.ca {
+		if r.retryAfter == "" {
+			continue
+		}
+		d, ok := parseRetryAfter(r.retryAfter, r.end)
+		if !ok {
+			continue
+		}
+		if i+1 < len(t.ca) { // the issuer is sequential: the next request is the poll
+			out = append(out, t.ca[i+1].start.Sub(r.end.Add(d)))
+		}
+	}
+	return out
+}
+
+// tracedHTTPClient is the broker HTTP client of a traced host: on the
+// first health check it installs t into the manager *m, and it records
+// when that check ended.
+func tracedHTTPClient(m **manager, t *issuanceTrace) *http.Client {
+	var once sync.Once
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.Proxy = nil
+	return &http.Client{Timeout: time.Minute, Transport: roundTripFunc(func(req *http.Request) (*http.Response, error) {
+		health := strings.HasSuffix(req.URL.Path, healthPath)
+		if health {
+			once.Do(func() { t.install(*m) })
+		}
+		resp, err := tr.RoundTrip(req)
+		if health && t.health.IsZero() {
+			t.health = time.Now()
+		}
+		return resp, err
+	})}
+}
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// tracedIssue builds a host with a fresh identity and storage, waits for
+// its certificate and closes it. It returns the trace and the forge's
+// requests during the issuance.
+func tracedIssue(b *testing.B, f *testforge.Forge) (*issuanceTrace, testforge.Stats) {
+	b.Helper()
+	key := benchKey(b)
+	t := &issuanceTrace{}
+	var m *manager
+	before := f.Stats()
+	t.start = time.Now()
+	h := benchHost(b, f, key, WithStorage(storage.Memory()),
+		WithHTTPClient(tracedHTTPClient(&m, t)),
+		withManager(func(x *manager) { m = x }))
+	t.built = time.Now()
+	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
+	if err != nil {
+		b.Fatal(err)
+	}
+	t.loaded = nextCert(b, sub.Out(), time.Minute)
+	after := f.Stats()
+	sub.Close()
+	b.StopTimer()
+	_ = h.Close()
+	b.StartTimer()
+	return t, statsDelta(after, before)
+}
+
+// floorIssue is the bare ACME flow for a fresh identity: acmez alone, the
+// TXT written straight into the forge's DNS store.
+func floorIssue(b *testing.B, f *testforge.Forge) (time.Duration, testforge.Stats) {
+	b.Helper()
+	_, pub, err := crypto.GenerateEd25519Key(rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	id, err := peer.IDFromPublicKey(pub)
+	if err != nil {
+		b.Fatal(err)
+	}
+	certKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	before := f.Stats()
+	start := time.Now()
+	if _, err := f.IssueDirect(context.Background(), id, certKey); err != nil {
+		b.Fatalf("IssueDirect: %v", err)
+	}
+	d := time.Since(start)
+	return d, statsDelta(f.Stats(), before)
+}
+
+func statsDelta(a, b testforge.Stats) testforge.Stats {
+	return testforge.Stats{
+		Health:     a.Health - b.Health,
+		Challenge:  a.Challenge - b.Challenge,
+		Registered: a.Registered - b.Registered,
+		CA:         a.CA - b.CA,
+		DNS:        a.DNS - b.DNS,
+		DNSTXT:     a.DNSTXT - b.DNSTXT,
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func mean(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	var sum float64
+	for _, x := range xs {
+		sum += x
+	}
+	return sum / float64(len(xs))
+}
+
+// ---- Time to certificate ----
+
+// BenchmarkTimeToCertificate measures a fresh identity's full flow,
+// libp2p.New with Option to EvtCertificateLoaded, and in the same run the
+// floor: the bare ACME flow (testforge's IssueDirect: acmez alone, TXT
+// written straight into the forge's DNS, no broker). ns/op is ours alone.
+//
+// Metrics: ms (median), floor-ms (median), x-floor (ratio of the medians),
+// over-floor-ms (difference of the medians), <phase>-ms (means; they add
+// up to the mean), broker/CA/DNS requests per certificate (ours and the
+// floor's CA and DNS requests). With retry-after, the CA sends Retry-After
+// (1 s) on authorization and order polls; ra-late-ms is the mean delay
+// between the time a Retry-After named and the next request (what the
+// client adds on top of the CA's wait).
+func BenchmarkTimeToCertificate(b *testing.B) {
+	for _, mode := range []struct {
+		name string
+		cfg  testforge.Config
+	}{
+		{"pebble", testforge.Config{}},
+		{"retry-after", testforge.Config{RetryAfterAuthz: 1, RetryAfterOrder: 1}},
+	} {
+		b.Run(mode.name, func(b *testing.B) {
+			f := startForge(b, mode.cfg)
+			if mode.cfg.RetryAfterAuthz == 0 {
+				// Warm up: the directory cache, connection setup code, the JIT of
+				// crypto paths. Not measured.
+				tracedIssue(b, f)
+				floorIssue(b, f)
+			}
+			var ours, floor []float64
+			phases := make([][]float64, len(phaseNames))
+			var st, fst testforge.Stats
+			var late []float64
+			b.ResetTimer()
+			for range b.N {
+				t, s := tracedIssue(b, f)
+				b.StopTimer()
+				d, fs := floorIssue(b, f)
+				b.StartTimer()
+				ours = append(ours, ms(t.loaded.Sub(t.start)))
+				floor = append(floor, ms(d))
+				for i, p := range t.phases() {
+					phases[i] = append(phases[i], p)
+				}
+				for _, l := range t.retryAfterSlack() {
+					late = append(late, ms(l))
+				}
+				st = addStats(st, s)
+				fst = addStats(fst, fs)
+			}
+			b.StopTimer()
+			n := float64(b.N)
+			b.ReportMetric(median(ours), "ms")
+			b.ReportMetric(median(floor), "floor-ms")
+			b.ReportMetric(median(ours)/median(floor), "x-floor")
+			b.ReportMetric(median(ours)-median(floor), "over-floor-ms")
+			for i, name := range phaseNames {
+				b.ReportMetric(mean(phases[i]), name+"-ms")
+			}
+			b.ReportMetric(float64(st.Health+st.Challenge)/n, "broker-req/op")
+			b.ReportMetric(float64(st.CA)/n, "ca-req/op")
+			b.ReportMetric(float64(st.DNS)/n, "dns-req/op")
+			b.ReportMetric(float64(fst.CA)/n, "floor-ca-req/op")
+			b.ReportMetric(float64(fst.DNS)/n, "floor-dns-req/op")
+			if mode.cfg.RetryAfterAuthz > 0 {
+				b.ReportMetric(float64(len(late))/n, "ra-waits/op")
+				b.ReportMetric(mean(late), "ra-late-ms")
+			}
+		})
+	}
+}
+
+func addStats(a, b testforge.Stats) testforge.Stats {
+	return testforge.Stats{
+		Health:     a.Health + b.Health,
+		Challenge:  a.Challenge + b.Challenge,
+		Registered: a.Registered + b.Registered,
+		CA:         a.CA + b.CA,
+		DNS:        a.DNS + b.DNS,
+		DNSTXT:     a.DNSTXT + b.DNSTXT,
+	}
+}
+
+// ---- Restart ----
+
+// BenchmarkRestart measures a restart with a stored certificate, from
+// libp2p.New to the browser address announced, against a plain host
+// without the option (libp2p.New), alternating in the same run. ns/op is
+// the pair.
+func BenchmarkRestart(b *testing.B) {
+	f := startForge(b, testforge.Config{})
+	key := benchKey(b)
+	store := storage.Memory()
+	h := benchHost(b, f, key, WithStorage(store))
+	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
+	if err != nil {
+		b.Fatal(err)
+	}
+	nextCert(b, sub.Out(), time.Minute)
+	sub.Close()
+	_ = h.Close()
+
+	var plain, stored []float64
+	before := f.Stats()
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		p, err := libp2p.New(append(f.HostOptions(), libp2p.Identity(key))...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		plain = append(plain, ms(time.Since(start)))
+		b.StopTimer()
+		_ = p.Close()
+		b.StartTimer()
+
+		start = time.Now()
+		h := benchHost(b, f, key, WithStorage(store))
+		for len(browserAddrs(h, f.Domain)) == 0 {
+			if time.Since(start) > 10*time.Second {
+				b.Fatalf("no browser address announced; have %v", h.Addrs())
+			}
+			time.Sleep(50 * time.Microsecond)
+		}
+		stored = append(stored, ms(time.Since(start)))
+		b.StopTimer()
+		_ = h.Close()
+		b.StartTimer()
+	}
+	b.StopTimer()
+	st := statsDelta(f.Stats(), before)
+	n := float64(b.N)
+	b.ReportMetric(mean(plain), "plain-ms")
+	b.ReportMetric(mean(stored), "stored-ms")
+	b.ReportMetric(mean(stored)-mean(plain), "over-plain-ms")
+	b.ReportMetric(median(stored)-median(plain), "over-plain-median-ms")
+	b.ReportMetric(float64(st.Health+st.Challenge)/n, "broker-req/op")
+	b.ReportMetric(float64(st.CA)/n, "ca-req/op")
+	b.ReportMetric(float64(st.DNS)/n, "dns-req/op")
+}
+
+// ---- Handshakes ----
+
+// BenchmarkHandshake measures full TLS handshakes (TLS 1.3, no
+// resumption) over loopback TCP against a listener with the WSS
+// listeners' TLS config (the manager's tlsConfig: GetCertificate per
+// handshake) and one with a static-certificate crypto/tls config holding
+// the same certificate, alternating one by one in the same run; the rates
+// are from the median handshake times. The client skips verification so
+// that the figure is the server's. ns/op is one handshake of each.
+func BenchmarkHandshake(b *testing.B) {
+	f := startForge(b, testforge.Config{})
+	var m *manager
+	h := benchHost(b, f, benchKey(b), WithStorage(storage.Memory()), withManager(func(x *manager) { m = x }))
+	defer h.Close()
+	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
+	if err != nil {
+		b.Fatal(err)
+	}
+	nextCert(b, sub.Out(), time.Minute)
+	sub.Close()
+
+	ours := tlsServer(b, m.tlsConfig())
+	static := tlsServer(b, &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{*m.cert.Load().tls}})
+	client := &tls.Config{
+		ServerName:         "127-0-0-1." + testforge.PeerLabel(h.ID()) + "." + f.Domain,
+		InsecureSkipVerify: true, // measure the server, not the client's chain checks
+		MinVersion:         tls.VersionTLS12,
+	}
+	handshake := func(addr string) {
+		conn, err := tls.Dial("tcp", addr, client)
+		if err != nil {
+			b.Fatal(err)
+		}
+		conn.Close()
+	}
+	handshake(ours)
+	handshake(static)
+
+	// Alternate one by one and compare medians, so that load from other
+	// processes on the machine hits both alike.
+	tOurs := make([]float64, 0, b.N)
+	tStatic := make([]float64, 0, b.N)
+	b.ResetTimer()
+	for i := range b.N {
+		first, second := ours, static
+		if i%2 == 1 {
+			first, second = static, ours
+		}
+		t0 := time.Now()
+		handshake(first)
+		t1 := time.Now()
+		handshake(second)
+		t2 := time.Now()
+		a, c := t1.Sub(t0).Seconds(), t2.Sub(t1).Seconds()
+		if i%2 == 1 {
+			a, c = c, a
+		}
+		tOurs = append(tOurs, a)
+		tStatic = append(tStatic, c)
+	}
+	b.StopTimer()
+	b.ReportMetric(1/median(tOurs), "ours-hs/s")
+	b.ReportMetric(1/median(tStatic), "static-hs/s")
+	b.ReportMetric(median(tStatic)/median(tOurs), "ratio")
+}
+
+// tlsServer serves TLS handshakes with cfg on a loopback port until the
+// benchmark ends, and returns its address.
+func tlsServer(b *testing.B, cfg *tls.Config) string {
+	b.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	b.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				conn := tls.Server(c, cfg)
+				_ = conn.Handshake()
+				conn.Close()
+			})
+		}
+	})
+	return ln.Addr().String()
+}
+
+// ---- Fleet ----
+
+// BenchmarkFleet starts 1, 10 and 50 hosts at once in one process, each
+// with a fresh identity, all sharing one in-memory store (so that shared
+// locks would show), and waits until every one has its certificate. Each
+// op also issues for one host alone first, for x-one (the fleet's time over
+// one host's). live-KB/host is the live heap after a GC with every host
+// up, minus before, per host (the forge's growth included); alloc-KB/host
+// is everything allocated meanwhile, per host.
+func BenchmarkFleet(b *testing.B) {
+	for _, n := range []int{1, 10, 50} {
+		b.Run(fmt.Sprintf("hosts=%d", n), func(b *testing.B) {
+			f := startForge(b, testforge.Config{})
+			tracedIssue(b, f) // warm up
+			var totals, ones, live, alloc []float64
+			b.ResetTimer()
+			for range b.N {
+				if n > 1 {
+					b.StopTimer()
+					t, _ := tracedIssue(b, f)
+					ones = append(ones, ms(t.loaded.Sub(t.start)))
+					b.StartTimer()
+				}
+				total, l, a := fleet(b, f, n)
+				totals = append(totals, ms(total))
+				live = append(live, l/1024)
+				alloc = append(alloc, a/1024)
+			}
+			b.StopTimer()
+			b.ReportMetric(median(totals), "total-ms")
+			if n > 1 {
+				b.ReportMetric(median(totals)/median(ones), "x-one")
+			}
+			b.ReportMetric(median(live), "live-KB/host")
+			b.ReportMetric(median(alloc), "alloc-KB/host")
+		})
+	}
+}
+
+// fleet starts n hosts at once and waits for all their certificates. It
+// returns the time that took and the live and allocated bytes per host.
+func fleet(b *testing.B, f *testforge.Forge, n int) (time.Duration, float64, float64) {
+	b.Helper()
+	keys := make([]crypto.PrivKey, n)
+	for i := range keys {
+		keys[i] = benchKey(b)
+	}
+	store := storage.Memory()
+	b.StopTimer()
+	var m0, m1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m0)
+	b.StartTimer()
+
+	hosts := make([]host.Host, n)
+	errs := make(chan error, n)
+	start := time.Now()
+	for i := range n {
+		go func() {
+			h, err := libp2p.New(append(f.HostOptions(), libp2p.Identity(keys[i]), Option(benchOpts(f, WithStorage(store))...))...)
+			if err != nil {
+				errs <- err
+				return
+			}
+			hosts[i] = h
+			sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer sub.Close()
+			select {
+			case <-sub.Out():
+				errs <- nil
+			case <-time.After(2 * time.Minute):
+				errs <- fmt.Errorf("host %d: no certificate", i)
+			}
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			b.Fatal(err)
+		}
+	}
+	total := time.Since(start)
+	b.StopTimer()
+	runtime.GC()
+	runtime.ReadMemStats(&m1)
+	for _, h := range hosts {
+		_ = h.Close()
+	}
+	b.StartTimer()
+	live := (float64(m1.HeapAlloc) - float64(m0.HeapAlloc)) / float64(n)
+	alloc := float64(m1.TotalAlloc-m0.TotalAlloc) / float64(n)
+	return total, live, alloc
+}
+
+// ---- Address propagation ----
+
+// BenchmarkAddressPropagation measures how long a peer connected over TCP
+// before the certificate exists takes to see the browser address in its
+// peerstore (identify push), from the moment the manager reads the issued
+// certificate back from storage to serve it. The broker's health check is
+// held until the peer is connected, so the certificate always comes after.
+func BenchmarkAddressPropagation(b *testing.B) {
+	f := startForge(b, testforge.Config{})
+	var prop []float64
+	b.ResetTimer()
+	for range b.N {
+		b.StopTimer()
+		release := make(chan struct{})
+		f.SetBrokerFault(func(_ http.ResponseWriter, r *http.Request) bool {
+			if r.URL.Path == healthPath {
+				<-release
+			}
+			return false
+		})
+		key := benchKey(b)
+		id, err := peer.IDFromPrivateKey(key)
+		if err != nil {
+			b.Fatal(err)
+		}
+		ls := &loadClock{Storage: storage.Memory(), key: certmagic.StorageKeys.SitePrivateKey(issuerKey(f.CAURL), certName(id, f.Domain))}
+		h := benchHost(b, f, key, WithStorage(ls))
+		d, err := libp2p.New(f.DialerOptions()...)
+		if err != nil {
+			b.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if err := d.Connect(ctx, peer.AddrInfo{ID: h.ID(), Addrs: tcpAddrs(h)}); err != nil {
+			b.Fatal(err)
+		}
+		cancel()
+		b.StartTimer()
+		close(release)
+		var seen time.Time
+		for deadline := time.Now().Add(30 * time.Second); ; {
+			if hasForgeAddr(d.Peerstore().Addrs(h.ID()), f.Domain) {
+				seen = time.Now()
+				break
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("the peer never saw a browser address; it has %v", d.Peerstore().Addrs(h.ID()))
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+		b.StopTimer()
+		prop = append(prop, ms(seen.Sub(ls.at())))
+		f.SetBrokerFault(nil)
+		_ = d.Close()
+		_ = h.Close()
+		b.StartTimer()
+	}
+	b.StopTimer()
+	b.ReportMetric(median(prop), "ms")
+	b.ReportMetric(slices.Max(prop), "max-ms")
+}
+
+func tcpAddrs(h host.Host) []ma.Multiaddr {
+	var out []ma.Multiaddr
+	for _, a := range h.Addrs() {
+		if _, err := a.ValueForProtocol(ma.P_TCP); err == nil && !strings.Contains(a.String(), "/ws") {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func hasForgeAddr(addrs []ma.Multiaddr, forge string) bool {
+	for _, a := range addrs {
+		if strings.Contains(a.String(), "."+forge+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+// loadClock is a store that remembers when key was last read successfully.
+type loadClock struct {
+	certmagic.Storage
+	key  string
+	last atomic.Int64
+}
+
+func (s *loadClock) Load(ctx context.Context, key string) ([]byte, error) {
+	v, err := s.Storage.Load(ctx, key)
+	if err == nil && key == s.key {
+		s.last.Store(time.Now().UnixNano())
+	}
+	return v, err
+}
+
+func (s *loadClock) at() time.Time { return time.Unix(0, s.last.Load()) }
