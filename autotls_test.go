@@ -49,13 +49,7 @@ func withPollInterval(d time.Duration) Opt {
 	return func(c *config) error { c.acmePollInterval = d; return nil }
 }
 
-func withRenewBefore(f func(notBefore, notAfter time.Time) time.Time) Opt {
-	return func(c *config) error { c.renewBefore = f; return nil }
-}
 
-func withProfile(p string) Opt {
-	return func(c *config) error { c.profile = p; return nil }
-}
 
 // newHost builds a loopback-only host with autotls pointed at f.
 func newHost(t testing.TB, f *testforge.Forge, libp2pOpts []libp2p.Option, opts ...Opt) host.Host {
@@ -312,5 +306,37 @@ func TestRenewalHotSwap(t *testing.T) {
 	}
 	if res := <-ping.Ping(ctx, d, h.ID()); res.Error != nil {
 		t.Fatalf("ping over the pre-renewal connection: %v", res.Error)
+	}
+}
+
+// TestRenewalOnSchedule: with a short-lived certificate from the forge, the
+// manager's own schedule (half the lifetime, for certificates under ten
+// days) renews it before it expires, with no restart and no kick.
+func TestRenewalOnSchedule(t *testing.T) {
+	f := startForge(t, testforge.Config{CertValidity: 4 * time.Second})
+	h := newHost(t, f, nil, WithStorage(storage.Memory()))
+	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	var evs []EvtCertificateLoaded
+	deadline := time.After(30 * time.Second)
+	for len(evs) < 2 {
+		select {
+		case e := <-sub.Out():
+			evs = append(evs, e.(EvtCertificateLoaded))
+		case <-deadline:
+			t.Fatalf("got %d certificate events, want an obtained and a renewed one", len(evs))
+		}
+	}
+	if evs[1].Source != Renewed || !evs[1].NotAfter.After(evs[0].NotAfter) {
+		t.Fatalf("second event %+v, want a renewal extending %v", evs[1], evs[0].NotAfter)
+	}
+	if !time.Now().Before(evs[0].NotAfter) {
+		t.Fatalf("renewed only after the first certificate expired at %v", evs[0].NotAfter)
+	}
+	if len(browserAddrs(h, f.Domain)) == 0 {
+		t.Fatal("browser address withdrawn across the renewal")
 	}
 }

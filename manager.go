@@ -409,9 +409,6 @@ func (m *manager) currentLeaf() *x509.Certificate {
 // lifetime left (half, for lifetimes under ten days), as Let's Encrypt
 // recommends when ARI gives no window.
 func (m *manager) renewAt(leaf *x509.Certificate) time.Time {
-	if m.cfg.renewBefore != nil {
-		return m.cfg.renewBefore(leaf.NotBefore, leaf.NotAfter)
-	}
 	life := leaf.NotAfter.Sub(leaf.NotBefore)
 	left := life / 3
 	if life < 10*24*time.Hour {

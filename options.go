@@ -49,7 +49,6 @@ type config struct {
 
 	// Knobs for this package's tests; not public API.
 	clock            clock
-	renewBefore      func(notBefore, notAfter time.Time) time.Time
 	profile          string
 	acmePollInterval time.Duration
 	onManager        func(*manager)
