@@ -1,0 +1,418 @@
+package autotls
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"os"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	ma "github.com/multiformats/go-multiaddr"
+)
+
+const (
+	// modulePath is this module's path, the default User-Agent's prefix.
+	modulePath = "github.com/p2ptls/autotls"
+
+	// accessTokenEnv names the environment variable read for the broker's
+	// access token when none is configured.
+	accessTokenEnv = "FORGE_ACCESS_TOKEN"
+	// accessTokenHeader carries the access token to the broker.
+	accessTokenHeader = "Forge-Authorization"
+
+	healthPath   = "/v1/health"
+	registerPath = "/v1/_acme-challenge"
+
+	// healthTimeout bounds a health check, as the reference client does.
+	healthTimeout = 15 * time.Second
+	// registerTimeout bounds a registration. The broker dials the host back
+	// before answering (libp2p allows that dial a minute, plus 5 s for
+	// identify), so this is longer than a plain request needs.
+	registerTimeout = 75 * time.Second
+
+	// maxResponseBody bounds how much of a broker response is read.
+	maxResponseBody = 64 << 10
+	// maxErrorBody bounds the excerpt of a response body kept in a
+	// [BrokerError].
+	maxErrorBody = 512
+	// maxRetryAfter caps a Retry-After delay: beyond it the header is more
+	// likely a mistake than advice.
+	maxRetryAfter = 7 * 24 * time.Hour
+)
+
+// BrokerError is the error of a failed call to the forge's registration
+// broker: a response other than the expected success, or no response at all.
+// Use [errors.As] to find it in an error chain and decide what to do:
+// [BrokerError.Temporary] failures are worth retrying (after RetryAfter when
+// the broker gives one), [BrokerError.Unreachable] means the broker could not
+// dial the host back, and other failures need a configuration change.
+//
+// A BrokerError never contains the access token.
+type BrokerError struct {
+	// Op is the call that failed: "health" or "register".
+	Op string
+	// StatusCode is the HTTP status of the broker's response, or 0 when
+	// there was none (network error, timeout, cancellation).
+	StatusCode int
+	// Body is an excerpt of the response body: at most 512 bytes of valid
+	// UTF-8, trimmed, with control characters replaced by spaces.
+	Body string
+	// RetryAfter is the delay the broker asked for in a Retry-After header
+	// (delay-seconds or HTTP-date), capped at 7 days; 0 when absent or
+	// invalid.
+	RetryAfter time.Duration
+	// Err is the underlying error, if any: a network error when StatusCode
+	// is 0, or why the PeerID authentication did not complete.
+	Err error
+}
+
+// Error returns a one-line description, such as
+// "broker register: 400 Bad Request: error testing addresses: ...".
+func (e *BrokerError) Error() string {
+	var b strings.Builder
+	b.WriteString("broker ")
+	b.WriteString(e.Op)
+	if e.StatusCode != 0 {
+		b.WriteString(": ")
+		b.WriteString(statusLine(e.StatusCode))
+	}
+	if e.Body != "" {
+		b.WriteString(": ")
+		b.WriteString(e.Body)
+	}
+	if e.Err != nil {
+		b.WriteString(": ")
+		b.WriteString(e.Err.Error())
+	}
+	if e.StatusCode == 0 && e.Err == nil {
+		b.WriteString(": no response")
+	}
+	if e.RetryAfter > 0 {
+		fmt.Fprintf(&b, " (retry after %v)", e.RetryAfter)
+	}
+	return b.String()
+}
+
+// Unwrap returns the underlying error, if any.
+func (e *BrokerError) Unwrap() error { return e.Err }
+
+// Temporary reports whether the failure may go away by itself: a network
+// error or timeout, 408 Request Timeout, 425 Too Early, 429 Too Many Requests
+// or any 5xx. Other 4xx responses need a change first (configuration,
+// reachability, access token). A call cancelled by its caller is not
+// temporary.
+func (e *BrokerError) Temporary() bool {
+	switch {
+	case e.StatusCode == 0:
+		return !errors.Is(e.Err, context.Canceled)
+	case e.StatusCode >= 500:
+		return true
+	}
+	switch e.StatusCode {
+	case http.StatusRequestTimeout, http.StatusTooEarly, http.StatusTooManyRequests:
+		return true
+	}
+	return false
+}
+
+// Unreachable reports whether the broker refused a registration because it
+// could not dial the host back at any of the addresses sent (400 "error
+// testing addresses: ..."). Retrying is pointless until the host is
+// reachable; each retry that reaches the CA costs a failed authorization.
+func (e *BrokerError) Unreachable() bool {
+	return e.StatusCode == http.StatusBadRequest && strings.HasPrefix(e.Body, "error testing addresses")
+}
+
+// LogValue implements [slog.LogValuer]: the fields as a group.
+func (e *BrokerError) LogValue() slog.Value {
+	attrs := []slog.Attr{slog.String("op", e.Op)}
+	if e.StatusCode != 0 {
+		attrs = append(attrs, slog.Int("status", e.StatusCode))
+	}
+	if e.Body != "" {
+		attrs = append(attrs, slog.String("body", e.Body))
+	}
+	if e.RetryAfter > 0 {
+		attrs = append(attrs, slog.Duration("retry_after", e.RetryAfter))
+	}
+	if e.Err != nil {
+		attrs = append(attrs, slog.String("err", e.Err.Error()))
+	}
+	return slog.GroupValue(attrs...)
+}
+
+// statusLine returns "404 Not Found", or just the code if it has no text.
+func statusLine(code int) string {
+	if text := http.StatusText(code); text != "" {
+		return strconv.Itoa(code) + " " + text
+	}
+	return strconv.Itoa(code)
+}
+
+// brokerConfig configures a [brokerClient].
+type brokerConfig struct {
+	// Endpoint is the broker's base URL, e.g.
+	// "https://registration.libp2p.direct": an absolute http or https URL
+	// with a host and no user info, query or fragment; trailing slashes are
+	// ignored.
+	Endpoint string
+	// Key is the host's identity key, used to sign the PeerID
+	// authentication (it is never sent). Required.
+	Key crypto.PrivKey
+	// HTTPClient sends the requests; nil means a client with a 90 s timeout
+	// per request. Each call is bounded by its context and by a deadline of
+	// its own (15 s for health, 75 s for register). The client is not
+	// modified: if it has no cookie jar, a copy with one is used.
+	HTTPClient *http.Client
+	// UserAgent is sent with every request; "" means
+	// "github.com/p2ptls/autotls@<module version>".
+	UserAgent string
+	// AccessToken is sent in the Forge-Authorization header of
+	// registrations; "" means the FORGE_ACCESS_TOKEN environment variable,
+	// read once by newBrokerClient; if both are empty the header is not sent.
+	AccessToken string
+	// Now tells the time, for Retry-After dates; nil means [time.Now].
+	Now func() time.Time
+}
+
+// brokerClient talks to a p2p-forge registration broker: its health check
+// and the registration of DNS-01 challenges. It owns one PeerID-auth session,
+// so registrations after the first reuse its bearer token.
+type brokerClient struct {
+	healthURL   string
+	registerURL string
+	auth        *peerIDAuth
+	userAgent   string
+	accessToken string
+	now         func() time.Time
+}
+
+// newBrokerClient validates cfg and returns a client for its broker.
+func newBrokerClient(cfg brokerConfig) (*brokerClient, error) {
+	base, err := parseEndpoint(cfg.Endpoint)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Key == nil {
+		return nil, errors.New("broker client: no identity key")
+	}
+	c := &brokerClient{
+		healthURL:   base + healthPath,
+		registerURL: base + registerPath,
+		auth:        newPeerIDAuth(cfg.Key, cfg.HTTPClient),
+		userAgent:   cfg.UserAgent,
+		accessToken: cfg.AccessToken,
+		now:         cfg.Now,
+	}
+	if c.userAgent == "" {
+		c.userAgent = defaultUserAgent()
+	}
+	if c.accessToken == "" {
+		c.accessToken = os.Getenv(accessTokenEnv)
+	}
+	if c.now == nil {
+		c.now = time.Now
+	}
+	return c, nil
+}
+
+// parseEndpoint checks a broker base URL and returns it without trailing
+// slashes.
+func parseEndpoint(endpoint string) (string, error) {
+	if endpoint == "" {
+		return "", errors.New("broker endpoint is empty: set it to the broker's base URL, e.g. https://registration.libp2p.direct")
+	}
+	u, err := url.Parse(endpoint)
+	if err != nil {
+		return "", fmt.Errorf("parsing broker endpoint: %w", err)
+	}
+	shown := u.Redacted()
+	switch {
+	case u.Scheme != "http" && u.Scheme != "https":
+		return "", fmt.Errorf("broker endpoint %q: the scheme must be http or https, e.g. https://registration.libp2p.direct", shown)
+	case u.Host == "":
+		return "", fmt.Errorf("broker endpoint %q: no host; use an absolute URL such as https://registration.libp2p.direct", shown)
+	case u.User != nil:
+		return "", fmt.Errorf("broker endpoint %q: remove the user info; configure the access token instead", shown)
+	case u.RawQuery != "" || u.ForceQuery || u.Fragment != "":
+		return "", fmt.Errorf("broker endpoint %q: remove the query and fragment; the endpoint is a base URL to which /v1/... paths are appended", shown)
+	}
+	return strings.TrimRight(u.String(), "/"), nil
+}
+
+// defaultUserAgent returns "github.com/p2ptls/autotls@<version>", the version
+// being the module's from the build information, or "(devel)".
+func defaultUserAgent() string {
+	version := "(devel)"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		if bi.Main.Path == modulePath && bi.Main.Version != "" {
+			version = bi.Main.Version
+		}
+		for _, dep := range bi.Deps {
+			if dep.Path == modulePath && dep.Version != "" {
+				version = dep.Version
+			}
+		}
+	}
+	return modulePath + "@" + version
+}
+
+// health asks the broker whether it is up (GET <endpoint>/v1/health). It
+// returns nil iff the broker answers 204 No Content, and a *[BrokerError]
+// otherwise.
+func (c *brokerClient) health(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, healthTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.healthURL, nil)
+	if err != nil {
+		return fmt.Errorf("broker health: building request: %w", err)
+	}
+	req.Header.Set("User-Agent", c.userAgent)
+	resp, err := c.auth.httpClient().Do(req)
+	if err != nil {
+		return &BrokerError{Op: "health", Err: err}
+	}
+	return c.check("health", resp, nil, http.StatusNoContent)
+}
+
+// registerRequest is the body of a registration, exactly as the broker
+// expects it (it rejects unknown keys).
+type registerRequest struct {
+	Value     string   `json:"value"`
+	Addresses []string `json:"addresses"`
+}
+
+// register asks the broker to publish value (the DNS-01 key authorization
+// digest) as the TXT record _acme-challenge.<peerid>.<forge-domain> of the
+// host, after dialing it back at one of addrs (POST
+// <endpoint>/v1/_acme-challenge, PeerID-authenticated). It returns nil iff
+// the broker answers 200 OK, and a *[BrokerError] if the call failed; an
+// empty address is refused before anything is sent.
+func (c *brokerClient) register(ctx context.Context, value string, addrs []ma.Multiaddr) error {
+	body := registerRequest{Value: value, Addresses: make([]string, 0, len(addrs))}
+	for i, a := range addrs {
+		if len(a) == 0 {
+			return fmt.Errorf("broker register: address %d is empty", i)
+		}
+		body.Addresses = append(body.Addresses, a.String())
+	}
+	payload, err := json.Marshal(body)
+	if err != nil {
+		return fmt.Errorf("broker register: encoding request: %w", err)
+	}
+
+	ctx, cancel := context.WithTimeout(ctx, registerTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.registerURL, bytes.NewReader(payload))
+	if err != nil {
+		return fmt.Errorf("broker register: building request: %w", err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("User-Agent", c.userAgent)
+	if c.accessToken != "" {
+		req.Header.Set(accessTokenHeader, c.accessToken)
+	}
+	_, resp, err := c.auth.do(req)
+	if resp == nil {
+		return &BrokerError{Op: "register", Err: err}
+	}
+	return c.check("register", resp, err, http.StatusOK)
+}
+
+// check reads and closes resp and returns nil if its status is want and err
+// is nil, and a *[BrokerError] otherwise.
+func (c *brokerClient) check(op string, resp *http.Response, err error, want int) error {
+	body, readErr := io.ReadAll(io.LimitReader(resp.Body, maxResponseBody))
+	resp.Body.Close()
+	if err == nil && resp.StatusCode == want {
+		return nil // the status is the answer; a body read error does not change it
+	}
+	if err == nil && readErr != nil {
+		err = fmt.Errorf("reading response body: %w", readErr)
+	}
+	retryAfter, _ := parseRetryAfter(resp.Header.Get("Retry-After"), c.now())
+	return &BrokerError{
+		Op:         op,
+		StatusCode: resp.StatusCode,
+		Body:       excerpt(body, c.accessToken),
+		RetryAfter: retryAfter,
+		Err:        err,
+	}
+}
+
+// excerpt returns at most [maxErrorBody] bytes of b as trimmed, valid UTF-8
+// with control characters replaced by spaces, and secret (if non-empty)
+// replaced by "[redacted]".
+func excerpt(b []byte, secret string) string {
+	s := strings.ToValidUTF8(string(b), "\uFFFD")
+	if secret != "" {
+		s = strings.ReplaceAll(s, secret, "[redacted]")
+	}
+	s = strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return ' '
+		}
+		return r
+	}, s)
+	s = strings.TrimSpace(s)
+	if len(s) > maxErrorBody {
+		cut := maxErrorBody
+		for cut > 0 && !utf8.RuneStart(s[cut]) {
+			cut--
+		}
+		s = strings.TrimSpace(s[:cut])
+	}
+	return s
+}
+
+// parseRetryAfter interprets a Retry-After header value (RFC 9110 §10.2.3):
+// delay-seconds (a non-negative decimal integer) or an HTTP-date, relative to
+// now. A date in the past gives 0; any delay is capped at 7 days. ok is false
+// (and the delay 0) when v is empty or neither form.
+func parseRetryAfter(v string, now time.Time) (d time.Duration, ok bool) {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return 0, false
+	}
+	if isDigits(v) {
+		secs, err := strconv.ParseUint(v, 10, 64)
+		if err != nil || secs > uint64(maxRetryAfter/time.Second) {
+			return maxRetryAfter, true // only digits, so only too large
+		}
+		return time.Duration(secs) * time.Second, true
+	}
+	t, err := http.ParseTime(v)
+	if err != nil {
+		return 0, false
+	}
+	// Compare before subtracting: Sub saturates, but stay explicit.
+	switch {
+	case !t.After(now):
+		return 0, true
+	case t.After(now.Add(maxRetryAfter)):
+		return maxRetryAfter, true
+	}
+	return t.Sub(now), true
+}
+
+// isDigits reports whether s is non-empty and all ASCII digits.
+func isDigits(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return s != ""
+}
