@@ -241,8 +241,10 @@ func TestPeerIDAuthReauthentication(t *testing.T) {
 			s.restart([]byte("another key, another server instance"), time.Hour)
 		}},
 		{"token expired", func(s *authTestServer) {
-			s.restart([]byte("fixed key"), 300*time.Millisecond)
-			time.Sleep(400 * time.Millisecond) // let the token of the first call expire
+			// Long enough for the new token to be used right after it is
+			// issued, short enough to wait out the first one.
+			s.restart([]byte("fixed key"), time.Second)
+			time.Sleep(1200 * time.Millisecond)
 		}},
 	}
 	for _, tt := range tests {
