@@ -49,8 +49,6 @@ func withPollInterval(d time.Duration) Opt {
 	return func(c *config) error { c.acmePollInterval = d; return nil }
 }
 
-
-
 // newHost builds a loopback-only host with autotls pointed at f.
 func newHost(t testing.TB, f *testforge.Forge, libp2pOpts []libp2p.Option, opts ...Opt) host.Host {
 	t.Helper()
