@@ -1,0 +1,402 @@
+package autotls
+
+// This file holds the pure naming code: the forge domain, the base36 PeerID
+// label, the IP label, the certificate names, and the forge multiaddrs.
+// Nothing here does I/O, and nothing panics on input.
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+	"github.com/multiformats/go-multibase"
+	mh "github.com/multiformats/go-multihash"
+)
+
+const (
+	// maxDNSName is the longest DNS name in text form, without a trailing dot.
+	maxDNSName = 253
+	// maxDNSLabel is the longest DNS label.
+	maxDNSLabel = 63
+	// maxIPLabel is the longest label ipLabel emits: an IPv6 address with
+	// no zero group, "ffff-ffff-ffff-ffff-ffff-ffff-ffff-ffff".
+	maxIPLabel = 39
+	// maxForgeDomain is the longest forge domain for which every name we
+	// build fits in maxDNSName: "<ip label>.<peer label>.<forge>", with the
+	// longest IP label and a full 63-character peer label (secp256k1).
+	maxForgeDomain = maxDNSName - maxIPLabel - 1 - maxDNSLabel - 1
+)
+
+// normalizeForgeDomain lower-cases d, strips one trailing dot, and validates
+// it as a DNS name: non-empty, at least two labels, each label 1..63
+// characters of [a-z0-9-] that neither starts nor ends with '-', a last label
+// that is not all digits, and short enough that every name built under it
+// ("<ip label>.<peer label>.<domain>", and so "*.<peer label>.<domain>") fits
+// in 253 characters. Errors name the problem.
+func normalizeForgeDomain(d string) (string, error) {
+	n := strings.ToLower(strings.TrimSuffix(d, "."))
+	if n == "" {
+		return "", errors.New("forge domain is empty")
+	}
+	if len(n) > maxForgeDomain {
+		return "", fmt.Errorf("forge domain %q is %d characters long, more than the %d that leave room for the peer and IP labels", d, len(n), maxForgeDomain)
+	}
+	labels := strings.Split(n, ".")
+	if len(labels) < 2 {
+		return "", fmt.Errorf("forge domain %q needs at least two labels", d)
+	}
+	for _, l := range labels {
+		if err := checkHostLabel(l); err != nil {
+			return "", fmt.Errorf("forge domain %q: %w", d, err)
+		}
+	}
+	if strings.Trim(labels[len(labels)-1], "0123456789") == "" {
+		return "", fmt.Errorf("forge domain %q: top-level label is all digits", d)
+	}
+	return n, nil
+}
+
+// checkHostLabel reports whether l is a lower-case RFC 1123 host label.
+func checkHostLabel(l string) error {
+	switch {
+	case l == "":
+		return errors.New("empty label")
+	case len(l) > maxDNSLabel:
+		return fmt.Errorf("label %q is longer than %d characters", l, maxDNSLabel)
+	case l[0] == '-' || l[len(l)-1] == '-':
+		return fmt.Errorf("label %q starts or ends with '-'", l)
+	}
+	for i := 0; i < len(l); i++ {
+		if c := l[i]; !isLowerAlnum(c) && c != '-' {
+			return fmt.Errorf("label %q has character %q outside [a-z0-9-]", l, c)
+		}
+	}
+	return nil
+}
+
+func isLowerAlnum(c byte) bool {
+	return ('a' <= c && c <= 'z') || ('0' <= c && c <= '9')
+}
+
+// peerIDLabel returns the DNS label for id: its CIDv1 (codec libp2p-key,
+// 0x72) in lower-case multibase base36, prefix 'k'. For an Ed25519 key this
+// is 62 characters, for secp256k1 63, for RSA and ECDSA 56. It returns ""
+// for an ID that is not a valid multihash (such as the empty ID).
+func peerIDLabel(id peer.ID) string {
+	c := peer.ToCid(id)
+	if !c.Defined() {
+		return ""
+	}
+	s, err := c.StringOfBase(multibase.Base36)
+	if err != nil {
+		return ""
+	}
+	return s
+}
+
+// parsePeerIDLabel is the inverse of [peerIDLabel]. It ignores case (DNS
+// does), and rejects a label that is longer than a DNS label, not base36,
+// not a CIDv1 with codec libp2p-key, or whose multihash is not a PeerID's
+// (an identity hash of a valid public key, or a full SHA-256 digest).
+func parsePeerIDLabel(label string) (peer.ID, error) {
+	if len(label) > maxDNSLabel {
+		return "", fmt.Errorf("peer label is %d characters, longer than a DNS label", len(label))
+	}
+	label = strings.ToLower(label)
+	if len(label) < 2 || label[0] != byte(multibase.Base36) {
+		return "", fmt.Errorf("peer label %q is not base36 (does not start with %q)", label, multibase.Base36)
+	}
+	c, err := cid.Decode(label)
+	if err != nil {
+		return "", fmt.Errorf("decoding peer label %q: %w", label, err)
+	}
+	p := c.Prefix()
+	if p.Version != 1 || p.Codec != cid.Libp2pKey {
+		return "", fmt.Errorf("peer label %q is not a CIDv1 of a libp2p key (version %d, codec %#x)", label, p.Version, p.Codec)
+	}
+	id, err := peer.FromCid(c)
+	if err != nil {
+		return "", fmt.Errorf("decoding peer label %q: %w", label, err)
+	}
+	switch p.MhType {
+	case mh.IDENTITY:
+		if _, err := id.ExtractPublicKey(); err != nil {
+			return "", fmt.Errorf("peer label %q: inline public key: %w", label, err)
+		}
+	case mh.SHA2_256:
+		if p.MhLength != 32 {
+			return "", fmt.Errorf("peer label %q: truncated sha2-256 digest (%d bytes)", label, p.MhLength)
+		}
+	default:
+		return "", fmt.Errorf("peer label %q: multihash %#x is neither identity nor sha2-256", label, p.MhType)
+	}
+	return id, nil
+}
+
+// ipLabel returns the DNS label for ip. An IPv4 address is its dotted quad
+// with '.' replaced by '-' ("203-0-113-7"). An IPv6 address is its RFC 5952
+// text with ':' replaced by '-', with "0" prepended if that starts with '-'
+// and appended if it ends with '-', so that the label is a valid host name
+// ("2001-db8--1", "0--1", "2001-db8--0", "0--0"). IPv4-mapped IPv6
+// addresses (their text has dots), addresses with a zone, and the zero
+// [netip.Addr] are refused.
+func ipLabel(ip netip.Addr) (string, error) {
+	switch {
+	case !ip.IsValid():
+		return "", errors.New("invalid IP address")
+	case ip.Zone() != "":
+		return "", fmt.Errorf("IP address %s has a zone", ip)
+	case ip.Is4In6():
+		return "", fmt.Errorf("IPv4-mapped IPv6 address %s cannot be a DNS label", ip)
+	case ip.Is4():
+		return strings.ReplaceAll(ip.String(), ".", "-"), nil
+	}
+	l := strings.ReplaceAll(ip.String(), ":", "-")
+	if strings.HasPrefix(l, "-") {
+		l = "0" + l
+	}
+	if strings.HasSuffix(l, "-") {
+		l += "0"
+	}
+	return l, nil
+}
+
+// parseIPLabel is the strict inverse of [ipLabel]: it accepts exactly the
+// labels ipLabel emits. An IPv4 label is four decimal octets without leading
+// zeros; an IPv6 label is read with '-' replaced by ':' and must be in the
+// canonical form (lower case, RFC 5952 compression, "0"-padded at the ends).
+// The forge's DNS server is more lenient (it also takes "--1" and expanded
+// IPv6); we parse only what a conforming client announces. Zones, dots,
+// IPv4-mapped IPv6 and labels without '-' are refused.
+func parseIPLabel(label string) (netip.Addr, error) {
+	if !strings.Contains(label, "-") {
+		return netip.Addr{}, fmt.Errorf("IP label %q has no '-'", label)
+	}
+	for i := 0; i < len(label); i++ {
+		c := label[i]
+		if !('0' <= c && c <= '9') && !('a' <= c && c <= 'f') && c != '-' {
+			return netip.Addr{}, fmt.Errorf("IP label %q has character %q outside [0-9a-f-]", label, c)
+		}
+	}
+	ip, err := netip.ParseAddr(strings.ReplaceAll(label, "-", "."))
+	if err != nil || !ip.Is4() {
+		ip, err = netip.ParseAddr(strings.ReplaceAll(label, "-", ":"))
+		if err != nil || !ip.Is6() {
+			return netip.Addr{}, fmt.Errorf("IP label %q is neither an IPv4 nor an IPv6 address", label)
+		}
+	}
+	want, err := ipLabel(ip)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("IP label %q: %w", label, err)
+	}
+	if want != label {
+		return netip.Addr{}, fmt.Errorf("IP label %q is not canonical (want %q)", label, want)
+	}
+	return ip, nil
+}
+
+// certName returns the only name in the certificate for id:
+// "*.<peer label>.<forge>". forge must be normalized
+// ([normalizeForgeDomain]).
+func certName(id peer.ID, forge string) string {
+	return "*." + certDomain(id, forge)
+}
+
+// certDomain returns "<peer label>.<forge>", the ACME authorization
+// identifier of [certName]; the DNS-01 TXT record is at
+// "_acme-challenge." + certDomain. forge must be normalized.
+func certDomain(id peer.ID, forge string) string {
+	return peerIDLabel(id) + "." + forge
+}
+
+// isForgeListenAddr reports whether a has the shape
+// /ip4|ip6/<ip>/tcp/<port>/tls/sni/*.<forge>/ws (exactly; forge compared
+// case-insensitively).
+// It is called for every address the host announces, so it does not
+// allocate beyond reading the /sni value.
+func isForgeListenAddr(a ma.Multiaddr, forge string) bool {
+	return len(a) == 5 && isIPTCP(a[:2]) &&
+		a[2].Code() == ma.P_TLS &&
+		a[3].Code() == ma.P_SNI && isWildcardOf(a[3].Value(), forge) &&
+		a[4].Code() == ma.P_WS
+}
+
+// isWildcardOf reports whether name is "*.<forge>", ignoring case and a
+// trailing dot on forge.
+func isWildcardOf(name, forge string) bool {
+	forge = strings.TrimSuffix(forge, ".")
+	rest, ok := strings.CutPrefix(name, "*.")
+	return ok && forge != "" && strings.EqualFold(rest, forge)
+}
+
+// isIPTCP reports whether a is exactly /ip4|ip6/<ip>/tcp/<port>.
+func isIPTCP(a ma.Multiaddr) bool {
+	return len(a) == 2 &&
+		(a[0].Code() == ma.P_IP4 || a[0].Code() == ma.P_IP6) &&
+		a[1].Code() == ma.P_TCP
+}
+
+// wssListenAddr turns a plain TCP listen address /ipX/<ip>/tcp/<port>
+// (nothing after) into /ipX/<ip>/tcp/<port>/tls/sni/*.<forge>/ws; ok=false
+// for any other shape, or if forge is not a valid forge domain.
+func wssListenAddr(tcp ma.Multiaddr, forge string) (ma.Multiaddr, bool) {
+	forge, err := normalizeForgeDomain(forge)
+	if err != nil || !isIPTCP(tcp) {
+		return nil, false
+	}
+	tail, err := tlsTail("*." + forge)
+	if err != nil {
+		return nil, false
+	}
+	return append(ma.Multiaddr{tcp[0], tcp[1]}, tail...), true
+}
+
+// tlsTail returns /tls/sni/<sni>/ws, or /tls/ws if sni is empty.
+func tlsTail(sni string) (ma.Multiaddr, error) {
+	tls, err := ma.NewComponent("tls", "")
+	if err != nil {
+		return nil, fmt.Errorf("building /tls component: %w", err)
+	}
+	ws, err := ma.NewComponent("ws", "")
+	if err != nil {
+		return nil, fmt.Errorf("building /ws component: %w", err)
+	}
+	if sni == "" {
+		return ma.Multiaddr{*tls, *ws}, nil
+	}
+	s, err := ma.NewComponent("sni", sni)
+	if err != nil {
+		return nil, fmt.Errorf("building /sni component: %w", err)
+	}
+	return ma.Multiaddr{*tls, *s, *ws}, nil
+}
+
+// forgeAddr rewrites a forge listen address ([isForgeListenAddr] shape) to
+// its announced form:
+//
+//	long:  /ipX/<ip>/tcp/<port>/tls/sni/<ip label>.<peer label>.<forge>/ws
+//	short: /dns4|dns6/<ip label>.<peer label>.<forge>/tcp/<port>/tls/ws
+//
+// ok=false if a has another shape, or its IP cannot be labelled, or the IP
+// is unspecified (0.0.0.0, ::), or id has no valid peer label.
+func forgeAddr(a ma.Multiaddr, id peer.ID, forge string, short bool) (ma.Multiaddr, bool) {
+	forge, err := normalizeForgeDomain(forge)
+	if err != nil || !isForgeListenAddr(a, forge) {
+		return nil, false
+	}
+	ip, ok := componentIP(&a[0])
+	if !ok || ip.IsUnspecified() {
+		return nil, false
+	}
+	il, err := ipLabel(ip)
+	if err != nil {
+		return nil, false
+	}
+	pl := peerIDLabel(id)
+	if pl == "" || len(pl) > maxDNSLabel {
+		return nil, false
+	}
+	host := il + "." + pl + "." + forge
+	if !short {
+		tail, err := tlsTail(host)
+		if err != nil {
+			return nil, false
+		}
+		return append(ma.Multiaddr{a[0], a[1]}, tail...), true
+	}
+	dns := "dns6"
+	if ip.Is4() {
+		dns = "dns4"
+	}
+	d, err := ma.NewComponent(dns, host)
+	if err != nil {
+		return nil, false
+	}
+	tail, err := tlsTail("")
+	if err != nil {
+		return nil, false
+	}
+	return append(ma.Multiaddr{*d, a[1]}, tail...), true
+}
+
+// componentIP returns the address of an /ip4 or /ip6 component.
+func componentIP(c *ma.Component) (netip.Addr, bool) {
+	switch c.Code() {
+	case ma.P_IP4, ma.P_IP6:
+		return netip.AddrFromSlice(c.RawValue())
+	}
+	return netip.Addr{}, false
+}
+
+// parseForgeAddr parses either announced form of [forgeAddr] back (a
+// trailing /p2p component is ignored) and checks that it belongs to forge:
+// the name must be exactly "<ip label>.<peer label>.<forge>" (any case), the
+// IP label must match the /ipX component (long form) or the /dns4|dns6
+// family (short form), and the IP must not be unspecified.
+func parseForgeAddr(a ma.Multiaddr, forge string) (ip netip.Addr, port uint16, id peer.ID, err error) {
+	forge, err = normalizeForgeDomain(forge)
+	if err != nil {
+		return netip.Addr{}, 0, "", err
+	}
+	if n := len(a); n > 0 && a[n-1].Code() == ma.P_P2P {
+		a = a[:n-1]
+	}
+	var host string
+	switch {
+	case len(a) == 5 && isIPTCP(a[:2]) && a[2].Code() == ma.P_TLS && a[3].Code() == ma.P_SNI && a[4].Code() == ma.P_WS:
+		host = a[3].Value()
+	case len(a) == 4 && (a[0].Code() == ma.P_DNS4 || a[0].Code() == ma.P_DNS6) &&
+		a[1].Code() == ma.P_TCP && a[2].Code() == ma.P_TLS && a[3].Code() == ma.P_WS:
+		host = a[0].Value()
+	default:
+		return netip.Addr{}, 0, "", fmt.Errorf("address %s is not a forge address", a)
+	}
+	ip, id, err = parseForgeHost(host, forge)
+	if err != nil {
+		return netip.Addr{}, 0, "", fmt.Errorf("address %s: %w", a, err)
+	}
+	switch a[0].Code() {
+	case ma.P_IP4, ma.P_IP6:
+		if c, _ := componentIP(&a[0]); c != ip {
+			return netip.Addr{}, 0, "", fmt.Errorf("address %s: IP %s does not match its name", a, c)
+		}
+	case ma.P_DNS4:
+		if !ip.Is4() {
+			return netip.Addr{}, 0, "", fmt.Errorf("address %s: /dns4 with an IPv6 label", a)
+		}
+	case ma.P_DNS6:
+		if !ip.Is6() {
+			return netip.Addr{}, 0, "", fmt.Errorf("address %s: /dns6 with an IPv4 label", a)
+		}
+	}
+	return ip, binary.BigEndian.Uint16(a[1].RawValue()), id, nil
+}
+
+// parseForgeHost splits "<ip label>.<peer label>.<forge>" (any case).
+func parseForgeHost(host, forge string) (netip.Addr, peer.ID, error) {
+	rest, ok := strings.CutSuffix(strings.ToLower(host), "."+forge)
+	if !ok {
+		return netip.Addr{}, "", fmt.Errorf("name %q is not under forge %q", host, forge)
+	}
+	il, pl, ok := strings.Cut(rest, ".")
+	if !ok || strings.Contains(pl, ".") {
+		return netip.Addr{}, "", fmt.Errorf("name %q is not <ip label>.<peer label>.%s", host, forge)
+	}
+	ip, err := parseIPLabel(il)
+	if err != nil {
+		return netip.Addr{}, "", err
+	}
+	if ip.IsUnspecified() {
+		return netip.Addr{}, "", fmt.Errorf("name %q has an unspecified IP", host)
+	}
+	id, err := parsePeerIDLabel(pl)
+	if err != nil {
+		return netip.Addr{}, "", err
+	}
+	return ip, id, nil
+}
