@@ -1,0 +1,116 @@
+// A browser dials a go-libp2p host over Secure WebSockets and pings it.
+//
+// URL parameters:
+//   ma=<multiaddr>   dial this address as soon as the page loads
+//   report=<url>     POST the outcome there as JSON when done:
+//                    {ok, remotePeer, rtts, error}
+//   timeout=<ms>     budget for the dial and all pings (default 20000)
+import { noise } from '@chainsafe/libp2p-noise'
+import { yamux } from '@chainsafe/libp2p-yamux'
+import { identify } from '@libp2p/identify'
+import { ping } from '@libp2p/ping'
+import { webSockets } from '@libp2p/websockets'
+import { multiaddr } from '@multiformats/multiaddr'
+import { createLibp2p } from 'libp2p'
+
+const PINGS = 5
+const params = new URLSearchParams(window.location.search)
+const timeoutMs = Number(params.get('timeout')) || 20_000
+const $ = (id) => document.getElementById(id)
+
+let node // created by the first dial
+
+async function newNode () {
+  const node = await createLibp2p({
+    transports: [webSockets()],
+    connectionEncrypters: [noise()],
+    streamMuxers: [yamux()],
+    services: { identify: identify(), ping: ping() },
+    // In browsers js-libp2p's default gater refuses to dial loopback and
+    // private addresses. This demo is meant for those too (a host on
+    // 127.0.0.1 or the LAN), so it allows every address it is given.
+    connectionGater: { denyDialMultiaddr: async () => false }
+  })
+  node.addEventListener('peer:identify', (evt) => {
+    $('agent').textContent = evt.detail.agentVersion ?? '(none)'
+  })
+  return node
+}
+
+function show (status, cls = '') {
+  $('status').textContent = status
+  $('status').className = cls
+}
+
+// run dials addr, pings the remote PINGS times and returns the outcome in
+// the shape reported to ?report=. It never throws.
+async function run (addr) {
+  const result = { ok: false, remotePeer: '', rtts: [], error: '' }
+  const signal = AbortSignal.timeout(timeoutMs)
+  $('peer').textContent = $('agent').textContent = $('rtts').textContent = '–'
+  try {
+    const ma = multiaddr(addr.trim())
+    node ??= await newNode()
+    show(`dialing ${ma}`)
+    const conn = await node.dial(ma, { signal })
+    result.remotePeer = conn.remotePeer.toString()
+    $('peer').textContent = result.remotePeer
+    show('connected, pinging')
+    for (let i = 0; i < PINGS; i++) {
+      result.rtts.push(await node.services.ping.ping(conn.remotePeer, { signal }))
+      $('rtts').textContent = result.rtts.map((ms) => `${ms} ms`).join(', ')
+    }
+    result.ok = true
+    show(`connected via ${conn.remoteAddr}`, 'ok')
+  } catch (err) {
+    result.error = (signal.aborted ? `timed out after ${timeoutMs} ms: ` : '') + describe(err)
+    show(`failed: ${result.error}`, 'error')
+  }
+  console.log('autotls-demo result', JSON.stringify(result))
+  return result
+}
+
+function describe (err) {
+  if (err instanceof Event) {
+    // What a failed WebSocket throws: the browser keeps the reason to itself
+    // (and its console), the usual ones being an untrusted certificate, a
+    // name the certificate does not cover and a refused connection.
+    return `WebSocket ${err.type}: connection failed (the browser's console says why)`
+  }
+  if (err instanceof AggregateError) {
+    return `${err.message}: ${err.errors.map(describe).join('; ')}`
+  }
+  return err instanceof Error ? `${err.name}: ${err.message}` : String(err)
+}
+
+async function report (url, result) {
+  try {
+    await fetch(url, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify(result)
+    })
+  } catch (err) {
+    console.error('reporting the result failed', err)
+  }
+}
+
+async function dial (addr) {
+  $('dial').disabled = true
+  const result = await run(addr)
+  $('dial').disabled = false
+  return result
+}
+
+$('dial-form').addEventListener('submit', (evt) => {
+  evt.preventDefault()
+  dial($('ma').value)
+})
+
+const ma = params.get('ma')
+if (ma != null) {
+  $('ma').value = ma
+  const result = await dial(ma)
+  const url = params.get('report')
+  if (url != null) await report(url, result)
+}
