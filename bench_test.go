@@ -33,6 +33,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/mholt/acmez/v3/acme"
+	"github.com/miekg/dns"
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/p2ptls/autotls/internal/testforge"
@@ -168,6 +169,10 @@ type caRecorder struct {
 	t    *issuanceTrace
 }
 
+func (r *caRecorder) CloseIdleConnections() {
+	r.next.(interface{ CloseIdleConnections() }).CloseIdleConnections()
+}
+
 func (r *caRecorder) RoundTrip(req *http.Request) (*http.Response, error) {
 	rec := caRequest{url: req.URL.String(), start: time.Now()}
 	resp, err := r.next.RoundTrip(req)
@@ -205,11 +210,9 @@ func (t *issuanceTrace) retryAfterSlack() []time.Duration {
 
 // tracedHTTPClient is the broker HTTP client of a traced host: on the
 // first health check it installs t into the manager *m, and it records
-// when that check ended.
-func tracedHTTPClient(m **manager, t *issuanceTrace) *http.Client {
+// when that check ended. The caller closes tr's idle connections.
+func tracedHTTPClient(m **manager, t *issuanceTrace, tr *http.Transport) *http.Client {
 	var once sync.Once
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.Proxy = nil
 	return &http.Client{Timeout: time.Minute, Transport: roundTripFunc(func(req *http.Request) (*http.Response, error) {
 		health := strings.HasSuffix(req.URL.Path, healthPath)
 		if health {
@@ -227,18 +230,20 @@ type roundTripFunc func(*http.Request) (*http.Response, error)
 
 func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
 
-// tracedIssue builds a host with a fresh identity and storage, waits for
-// its certificate and closes it. It returns the trace and the forge's
-// requests during the issuance.
-func tracedIssue(b *testing.B, f *testforge.Forge) (*issuanceTrace, testforge.Stats) {
+// tracedIssue builds a host with a fresh identity and the given (empty)
+// storage, waits for its certificate and closes it. It returns the trace
+// and the forge's requests during the issuance.
+func tracedIssue(b *testing.B, f *testforge.Forge, store certmagic.Storage) (*issuanceTrace, testforge.Stats) {
 	b.Helper()
 	key := benchKey(b)
 	t := &issuanceTrace{}
 	var m *manager
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.Proxy = nil
 	before := f.Stats()
 	t.start = time.Now()
-	h := benchHost(b, f, key, WithStorage(storage.Memory()),
-		WithHTTPClient(tracedHTTPClient(&m, t)),
+	h := benchHost(b, f, key, WithStorage(store),
+		WithHTTPClient(tracedHTTPClient(&m, t, tr)),
 		withManager(func(x *manager) { m = x }))
 	t.built = time.Now()
 	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
@@ -250,6 +255,7 @@ func tracedIssue(b *testing.B, f *testforge.Forge) (*issuanceTrace, testforge.St
 	sub.Close()
 	b.StopTimer()
 	_ = h.Close()
+	tr.CloseIdleConnections()
 	b.StartTimer()
 	return t, statsDelta(after, before)
 }
@@ -325,25 +331,50 @@ func mean(xs []float64) float64 {
 // Metrics: ms (median), floor-ms (median), x-floor (ratio of the medians),
 // over-floor-ms (difference of the medians), <phase>-ms (means; they add
 // up to the mean), broker/CA/DNS requests per certificate (ours and the
-// floor's CA and DNS requests). With retry-after, the CA sends Retry-After
-// (1 s) on authorization and order polls; ra-late-ms is the mean delay
-// between the time a Retry-After named and the next request (what the
-// client adds on top of the CA's wait).
+// floor's CA and DNS requests). pebble keeps the certificate in memory,
+// pebble-disk in a directory (storage.Dir, the production default's kind).
+// With retry-after, the CA sends Retry-After (1 s) on authorization and
+// order polls, and its TXT lookups are slowed by raTXTDelay so that both
+// kinds of poll get one; ra-waits/op counts them and ra-late-ms is the mean
+// delay between the time a Retry-After named and the next request (what
+// the client adds on top of the CA's wait).
 func BenchmarkTimeToCertificate(b *testing.B) {
 	for _, mode := range []struct {
 		name string
 		cfg  testforge.Config
+		disk bool
 	}{
-		{"pebble", testforge.Config{}},
-		{"retry-after", testforge.Config{RetryAfterAuthz: 1, RetryAfterOrder: 1}},
+		{"pebble", testforge.Config{}, false},
+		{"pebble-disk", testforge.Config{}, true},
+		{"retry-after", testforge.Config{RetryAfterAuthz: 1, RetryAfterOrder: 1}, false},
 	} {
 		b.Run(mode.name, func(b *testing.B) {
 			f := startForge(b, mode.cfg)
+			newStore := func() certmagic.Storage { return storage.Memory() }
+			if mode.disk {
+				newStore = func() certmagic.Storage {
+					s, err := storage.Dir(b.TempDir())
+					if err != nil {
+						b.Fatal(err)
+					}
+					return s
+				}
+			}
 			if mode.cfg.RetryAfterAuthz == 0 {
-				// Warm up: the directory cache, connection setup code, the JIT of
-				// crypto paths. Not measured.
-				tracedIssue(b, f)
+				// Warm up: acmez's directory cache, and the code paths.
+				// Not measured.
+				tracedIssue(b, f, newStore())
 				floorIssue(b, f)
+			} else {
+				// Slow the CA's validation down (its TXT lookup), so that
+				// the first authorization poll finds it still processing
+				// and gets a Retry-After too, as the order poll does.
+				f.SetDNSFault(func(q dns.Question) testforge.DNSFault {
+					if q.Qtype == dns.TypeTXT && strings.HasPrefix(q.Name, "_acme-challenge.") {
+						return testforge.DNSFault{Delay: raTXTDelay}
+					}
+					return testforge.DNSFault{}
+				})
 			}
 			var ours, floor []float64
 			phases := make([][]float64, len(phaseNames))
@@ -351,7 +382,7 @@ func BenchmarkTimeToCertificate(b *testing.B) {
 			var late []float64
 			b.ResetTimer()
 			for range b.N {
-				t, s := tracedIssue(b, f)
+				t, s := tracedIssue(b, f, newStore())
 				b.StopTimer()
 				d, fs := floorIssue(b, f)
 				b.StartTimer()
@@ -387,6 +418,11 @@ func BenchmarkTimeToCertificate(b *testing.B) {
 		})
 	}
 }
+
+// raTXTDelay is how late the forge's DNS answers challenge TXT queries in
+// the retry-after case: the CA's lookup, and the solver's own check too
+// (which adds it once to over-floor-ms there).
+const raTXTDelay = 20 * time.Millisecond
 
 func addStats(a, b testforge.Stats) testforge.Stats {
 	return testforge.Stats{
@@ -560,25 +596,32 @@ func tlsServer(b *testing.B, cfg *tls.Config) string {
 // op also issues for one host alone first, for x-one (the fleet's time over
 // one host's). live-KB/host is the live heap after a GC with every host
 // up, minus before, per host (the forge's growth included); alloc-KB/host
-// is everything allocated meanwhile, per host.
+// is everything allocated meanwhile, per host. cpu-ms/host is the CPU time
+// the process used meanwhile (the forge's included) per host, and cpu-util
+// that time over GOMAXPROCS × the elapsed time: near 1, the hosts are
+// limited by the CPUs, not by waiting on one another.
 func BenchmarkFleet(b *testing.B) {
 	for _, n := range []int{1, 10, 50} {
 		b.Run(fmt.Sprintf("hosts=%d", n), func(b *testing.B) {
 			f := startForge(b, testforge.Config{})
-			tracedIssue(b, f) // warm up
-			var totals, ones, live, alloc []float64
+			tracedIssue(b, f, storage.Memory()) // warm up
+			var totals, ones, live, alloc, cpu, util []float64
 			b.ResetTimer()
 			for range b.N {
 				if n > 1 {
 					b.StopTimer()
-					t, _ := tracedIssue(b, f)
+					t, _ := tracedIssue(b, f, storage.Memory())
 					ones = append(ones, ms(t.loaded.Sub(t.start)))
 					b.StartTimer()
 				}
-				total, l, a := fleet(b, f, n)
-				totals = append(totals, ms(total))
-				live = append(live, l/1024)
-				alloc = append(alloc, a/1024)
+				r := fleet(b, f, n)
+				totals = append(totals, ms(r.total))
+				live = append(live, r.live/1024)
+				alloc = append(alloc, r.alloc/1024)
+				if r.avail > 0 {
+					cpu = append(cpu, ms(r.busy)/float64(n))
+					util = append(util, r.busy.Seconds()/r.avail.Seconds())
+				}
 			}
 			b.StopTimer()
 			b.ReportMetric(median(totals), "total-ms")
@@ -587,13 +630,23 @@ func BenchmarkFleet(b *testing.B) {
 			}
 			b.ReportMetric(median(live), "live-KB/host")
 			b.ReportMetric(median(alloc), "alloc-KB/host")
+			if len(cpu) > 0 {
+				b.ReportMetric(median(cpu), "cpu-ms/host")
+				b.ReportMetric(median(util), "cpu-util")
+			}
 		})
 	}
 }
 
-// fleet starts n hosts at once and waits for all their certificates. It
-// returns the time that took and the live and allocated bytes per host.
-func fleet(b *testing.B, f *testforge.Forge, n int) (time.Duration, float64, float64) {
+// fleetRun is one fleet's figures.
+type fleetRun struct {
+	total       time.Duration // until the last certificate
+	live, alloc float64       // bytes per host
+	busy, avail time.Duration // CPU time used, and available (GOMAXPROCS × total); 0 if unknown
+}
+
+// fleet starts n hosts at once and waits for all their certificates.
+func fleet(b *testing.B, f *testforge.Forge, n int) fleetRun {
 	b.Helper()
 	keys := make([]crypto.PrivKey, n)
 	for i := range keys {
@@ -608,6 +661,7 @@ func fleet(b *testing.B, f *testforge.Forge, n int) (time.Duration, float64, flo
 
 	hosts := make([]host.Host, n)
 	errs := make(chan error, n)
+	cpu0, cpuOK := testforge.ProcessCPUTime()
 	start := time.Now()
 	for i := range n {
 		go func() {
@@ -637,6 +691,7 @@ func fleet(b *testing.B, f *testforge.Forge, n int) (time.Duration, float64, flo
 		}
 	}
 	total := time.Since(start)
+	cpu1, _ := testforge.ProcessCPUTime()
 	b.StopTimer()
 	runtime.GC()
 	runtime.ReadMemStats(&m1)
@@ -644,9 +699,16 @@ func fleet(b *testing.B, f *testforge.Forge, n int) (time.Duration, float64, flo
 		_ = h.Close()
 	}
 	b.StartTimer()
-	live := (float64(m1.HeapAlloc) - float64(m0.HeapAlloc)) / float64(n)
-	alloc := float64(m1.TotalAlloc-m0.TotalAlloc) / float64(n)
-	return total, live, alloc
+	r := fleetRun{
+		total: total,
+		live:  (float64(m1.HeapAlloc) - float64(m0.HeapAlloc)) / float64(n),
+		alloc: float64(m1.TotalAlloc-m0.TotalAlloc) / float64(n),
+	}
+	if cpuOK {
+		r.busy = cpu1 - cpu0
+		r.avail = total * time.Duration(runtime.GOMAXPROCS(0))
+	}
+	return r
 }
 
 // ---- Address propagation ----
