@@ -32,7 +32,6 @@ import (
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
-	"github.com/mholt/acmez/v3/acme"
 	"github.com/miekg/dns"
 	ma "github.com/multiformats/go-multiaddr"
 
@@ -159,7 +158,7 @@ func (t *issuanceTrace) phases() []float64 {
 // written by the goroutine that reads them.
 func (t *issuanceTrace) install(m *manager) {
 	m.issuer.trace = t.at
-	m.issuer.client.ChallengeSolvers[acme.ChallengeTypeDNS01].(*dns01Solver).trace = t.at
+	m.issuer.solver.(*dns01Solver).trace = t.at
 	hc := m.issuer.client.HTTPClient
 	hc.Transport = &caRecorder{next: hc.Transport, t: t}
 }
