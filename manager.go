@@ -70,6 +70,7 @@ type manager struct {
 
 	cert  atomic.Pointer[servedCert]
 	reach reachability
+	ari   ariState
 
 	listenMu  sync.Mutex
 	wssAddrs  []ma.Multiaddr // to listen on while a certificate is valid
@@ -243,15 +244,20 @@ func (m *manager) run(loadErr error) {
 	var retryAt time.Time
 	var lastErr string
 	for {
-		due := m.cfg.clock.Now()
-		if cur := m.cert.Load(); cur != nil {
-			due = m.renewAt(cur.leaf)
+		due, poll := m.cfg.clock.Now(), false
+		cur := m.cert.Load()
+		if cur != nil {
+			due, poll = m.nextStep(cur.leaf)
 		}
 		if retryAt.After(due) {
-			due = retryAt
+			due, poll = retryAt, false
 		}
 		if !m.waitUntil(ctx, due) {
 			return
+		}
+		if poll && m.cert.Load() == cur && !m.cfg.clock.Now().Before(due) {
+			m.pollARI(ctx, cur.leaf)
+			continue
 		}
 		renewal := m.cert.Load() != nil
 		err := m.issue(ctx, renewal)
@@ -407,7 +413,7 @@ func (m *manager) currentLeaf() *x509.Certificate {
 
 // renewAt is when the certificate should be renewed: with a third of its
 // lifetime left (half, for lifetimes under ten days), as Let's Encrypt
-// recommends when ARI gives no window.
+// recommends when the CA gives no renewal window (ARI, see renewal.go).
 func (m *manager) renewAt(leaf *x509.Certificate) time.Time {
 	life := leaf.NotAfter.Sub(leaf.NotBefore)
 	left := life / 3

@@ -46,6 +46,7 @@ type pebble struct {
 	issuerRoots   *x509.CertPool
 	issuerRootPEM []byte
 	log           *slog.Logger
+	store         *db.MemoryStore
 }
 
 func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.Int64) (*pebble, error) {
@@ -107,6 +108,7 @@ func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.
 		issuerRoots:   issuerRoots,
 		issuerRootPEM: root.PEM(),
 		log:           logger,
+		store:         store,
 	}, nil
 }
 
