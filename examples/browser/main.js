@@ -25,7 +25,12 @@ async function newNode () {
     transports: [webSockets()],
     connectionEncrypters: [noise()],
     streamMuxers: [yamux()],
-    services: { identify: identify(), ping: ping() },
+    services: {
+      identify: identify(),
+      // ping() resolves before its stream is fully closed, so back-to-back
+      // pings can trip the default limit of one outbound ping stream.
+      ping: ping({ maxOutboundStreams: PINGS })
+    },
     // In browsers js-libp2p's default gater refuses to dial loopback and
     // private addresses. This demo is meant for those too (a host on
     // 127.0.0.1 or the LAN), so it allows every address it is given.
