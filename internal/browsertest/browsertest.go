@@ -177,7 +177,7 @@ func Dial(ctx context.Context, opts Options) (Result, error) {
 		return Result{}, err
 	}
 
-	tmp, err := os.MkdirTemp("", "browsertest-")
+	tmp, err := os.MkdirTemp(tempBase(), "browsertest-")
 	if err != nil {
 		return Result{}, fmt.Errorf("browsertest: %w", err)
 	}
@@ -227,6 +227,18 @@ func Dial(ctx context.Context, opts Options) (Result, error) {
 		}
 	}
 	return r, nil
+}
+
+// tempBase is where Dial makes its temporary directory: os.TempDir(), or
+// /tmp when that is too long a path for the Unix sockets Chromium makes in
+// its TMPDIR (at most 107 bytes; Chromium aborts at start otherwise).
+func tempBase() string {
+	// <base>/browsertest-<10 digits>/tmp/org.chromium.Chromium.<6>/SingletonSocket
+	const room = 107 - len("/browsertest-0123456789/tmp/org.chromium.Chromium.XXXXXX/SingletonSocket")
+	if base := os.TempDir(); len(base) <= room {
+		return base
+	}
+	return "/tmp"
 }
 
 // pageServer serves the built page and accepts the page's report at

@@ -95,8 +95,15 @@ func TestDialNothingListening(t *testing.T) {
 	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
 
+	// Dial's temporary directory, and so Chromium's, go under tmp (not
+	// t.TempDir, too long a path for Dial to use).
+	tmp, err := os.MkdirTemp("", "bt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(tmp) })
+	t.Setenv("TMPDIR", tmp)
 	goroutines := runtime.NumGoroutine()
-	tmps := browsertestDirs(t)
 	res, err := Dial(t.Context(), Options{
 		Multiaddr: fmt.Sprintf("/dns4/127-0-0-1.x.%s/tcp/%d/tls/ws", forge, port),
 		HostRules: "MAP *." + forge + " 127.0.0.1",
@@ -107,11 +114,11 @@ func TestDialNothingListening(t *testing.T) {
 	if res.OK || res.Error == "" {
 		t.Errorf("got %+v, want a failure with an error", res)
 	}
-	if p := leftoverProcesses(t, filepath.Join(os.TempDir(), "browsertest-")); len(p) > 0 {
+	if p := leftoverProcesses(t, tmp); len(p) > 0 {
 		t.Errorf("chromium processes left running: %v", p)
 	}
-	if after := browsertestDirs(t); after != tmps {
-		t.Errorf("temporary directories: %d before Dial, %d after", tmps, after)
+	if left, _ := os.ReadDir(tmp); len(left) > 0 {
+		t.Errorf("left in the temporary directory: %v", left)
 	}
 	// The page server's and Chromium's goroutines end with Dial; allow a
 	// moment for the runtime to retire them.
@@ -285,16 +292,6 @@ func (loopbackOnly) InterceptUpgraded(network.Conn) (bool, control.DisconnectRea
 	return true, 0
 }
 
-// browsertestDirs counts Dial's temporary directories.
-func browsertestDirs(t *testing.T) int {
-	t.Helper()
-	m, err := filepath.Glob(filepath.Join(os.TempDir(), "browsertest-*"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(m)
-}
-
 // leftoverProcesses lists the processes with an argument containing s,
 // zombies included.
 func leftoverProcesses(t *testing.T, s string) []string {
@@ -308,4 +305,18 @@ func leftoverProcesses(t *testing.T, s string) []string {
 		}
 	}
 	return found
+}
+
+// TestTempBaseTooLong checks that a long TMPDIR, where Chromium could not
+// make its sockets, is not used.
+func TestTempBaseTooLong(t *testing.T) {
+	long := filepath.Join(t.TempDir(), strings.Repeat("x", 40))
+	t.Setenv("TMPDIR", long)
+	if got := tempBase(); got != "/tmp" {
+		t.Errorf("tempBase() = %q with TMPDIR=%q, want /tmp", got, long)
+	}
+	t.Setenv("TMPDIR", "/var/tmp")
+	if got := tempBase(); got != "/var/tmp" {
+		t.Errorf("tempBase() = %q with TMPDIR=/var/tmp", got)
+	}
 }

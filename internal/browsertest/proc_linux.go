@@ -55,8 +55,14 @@ func startBrowser(chromium, dir, home, hostRules, pageURL string) (*browser, err
 	cmd := exec.Command(chromium, args...)
 	cmd.Dir = dir
 	// Everything Chromium writes outside its profile (NSS database, crash
-	// reports, caches) lands under the temporary HOME.
+	// reports, caches, temporary files) lands under dir, which Dial removes:
+	// a killed Chromium does not clean up after itself.
+	tmp := filepath.Join(dir, "tmp")
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		return nil, err
+	}
 	cmd.Env = append(os.Environ(),
+		"TMPDIR="+tmp,
 		"HOME="+home,
 		"XDG_CONFIG_HOME="+filepath.Join(home, ".config"),
 		"XDG_CACHE_HOME="+filepath.Join(home, ".cache"),
