@@ -3,8 +3,9 @@
 // with js-libp2p over Secure WebSockets, pings the remote peer and reports
 // the outcome back.
 //
-// It runs on Linux and needs a Chromium binary, NSS's certutil (Debian: chromium and
-// libnss3-tools) and the built page; .ci/browser-setup.sh provides all three.
+// It runs on Linux and needs a Chromium binary, NSS's certutil (Debian:
+// chromium and libnss3-tools) and the built page; .ci/browser-setup.sh
+// provides all three.
 // Tests call [Require] first, which skips them when something is missing,
 // except in CI where it fails them.
 //
