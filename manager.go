@@ -77,6 +77,9 @@ type manager struct {
 	listening bool
 
 	retryBase, retryMax time.Duration
+	// txtWait bounds the wait for the DNS-01 TXT record to be visible;
+	// zero means txtWaitTimeout. Tests shorten it.
+	txtWait time.Duration
 	// idle are HTTP transports of ours whose idle connections close with
 	// the host.
 	idle []interface{ CloseIdleConnections() }
@@ -124,7 +127,7 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 		return err
 	}
 	m.broker = broker
-	solver := &dns01Solver{broker: broker, resolver: m.cfg.resolver, addrs: m.brokerAddrs}
+	solver := &dns01Solver{broker: broker, resolver: m.cfg.resolver, addrs: m.brokerAddrs, waitTimeout: m.txtWait}
 	m.issuer = newACMEIssuer(issuerConfig{
 		caURL:        m.cfg.caURL,
 		roots:        m.cfg.caRoots,
