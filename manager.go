@@ -22,6 +22,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
+	"github.com/mholt/acmez/v3/acme"
 	ma "github.com/multiformats/go-multiaddr"
 	"go.uber.org/zap"
 )
@@ -35,6 +36,11 @@ const (
 	// unreachableMin: the broker could not dial us back. Retrying quickly
 	// cannot help until the network changes.
 	unreachableMin = 15 * time.Minute
+	// validationRetryMin: the CA could not validate the challenge. Let's
+	// Encrypt allows five failed validations per identifier and account
+	// per hour (one more every 12 minutes); a node that keeps failing
+	// stays under that limit, jitter included.
+	validationRetryMin = 15 * time.Minute
 	// storageLoadTimeout bounds the synchronous storage read on start.
 	storageLoadTimeout = 5 * time.Second
 )
@@ -473,8 +479,9 @@ func (m *manager) sleep(ctx context.Context, d time.Duration) bool {
 }
 
 // retryDelay is the wait before attempt+1: exponential from retryBase to
-// retryMax with jitter in [d/2, d], never less than a Retry-After, longer
-// when retrying cannot help soon.
+// retryMax with jitter in [d/2, d], never less than a Retry-After (the
+// broker's, or the CA's when the CA refused), longer when retrying cannot
+// help soon or would cost a failed validation.
 func (m *manager) retryDelay(attempt int, err error) time.Duration {
 	d := m.retryBase
 	for i := 1; i < attempt && d < m.retryMax; i++ {
@@ -494,7 +501,39 @@ func (m *manager) retryDelay(attempt int, err error) time.Duration {
 	if be != nil && be.RetryAfter > d {
 		d = be.RetryAfter
 	}
+	var prob acme.Problem
+	if errors.As(err, &prob) {
+		if validationFailed(prob) {
+			d = max(d, validationRetryMin)
+		}
+		// A rate limit (429), an overloaded CA (503) or any other refusal
+		// may carry a Retry-After: the issuer's client keeps the last one.
+		d = max(d, m.caRetryAfter())
+	}
 	return d
+}
+
+// validationFailed reports whether prob is the CA's verdict on a challenge
+// it tried to validate (the issuer attaches the invalid authorization).
+func validationFailed(prob acme.Problem) bool {
+	_, ok := prob.Resource.(acme.Authorization)
+	return ok
+}
+
+// caRetryAfter is what remains of the Retry-After of the CA's latest
+// response, or 0.
+func (m *manager) caRetryAfter() time.Duration {
+	t := m.issuer.retryAfter
+	if t == nil {
+		return 0
+	}
+	t.mu.Lock()
+	at := t.at
+	t.mu.Unlock()
+	if at.IsZero() {
+		return 0
+	}
+	return max(time.Until(at), 0)
 }
 
 // describeFailure is the operator-facing sentence for a failed attempt.
@@ -513,6 +552,16 @@ func describeFailure(err error) string {
 		default:
 			return "certificate request refused by the broker"
 		}
+	}
+	var prob acme.Problem
+	if errors.As(err, &prob) {
+		switch {
+		case validationFailed(prob):
+			return "certificate request failed: the CA could not validate the DNS-01 challenge that this node saw published; retrying later, within the CA's limit on failed validations"
+		case prob.Type == acme.ProblemTypeRateLimited:
+			return "certificate request refused by the CA: rate limited; retrying after the time it gave"
+		}
+		return "certificate request refused by the CA"
 	}
 	return "certificate request failed"
 }
