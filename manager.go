@@ -241,8 +241,15 @@ func (m *manager) run(loadErr error) {
 	defer m.wg.Done()
 	ctx := m.ctx
 	if m.cert.Load() == nil {
-		if loadErr != nil && !errors.Is(loadErr, fs.ErrNotExist) {
+		var exp *expiredError
+		var bad *unusableError
+		switch {
+		case loadErr == nil, errors.Is(loadErr, fs.ErrNotExist), errors.As(loadErr, &exp):
+			// Nothing stored, or expired (said by loadStored).
+		case errors.As(loadErr, &bad):
 			m.log.Warn("stored certificate not usable; a new one will be requested", "err", loadErr)
+		default:
+			m.log.Warn("stored certificate could not be read; retrying, without requesting a new one while the stored one may be valid", "err", loadErr)
 		}
 		if !m.waitGates(ctx) {
 			return
@@ -301,9 +308,11 @@ func (m *manager) issue(ctx context.Context, renewal bool) error {
 	if err != nil {
 		return err
 	}
+	// certmagic obtains nothing if storage holds a certificate already
+	// (one it could not read, say): what is loaded may not be new.
 	c, err := m.loadStored(ctx)
 	if err != nil {
-		return fmt.Errorf("loading the issued certificate: %w", err)
+		return fmt.Errorf("loading the certificate from storage: %w", err)
 	}
 	if cur := m.cert.Load(); renewal && cur != nil && c.leaf.Equal(cur.leaf) {
 		return errors.New("renewal stored no new certificate")
@@ -319,8 +328,11 @@ func (m *manager) issue(ctx context.Context, renewal bool) error {
 // loadStored reads the certificate and key from storage and checks them:
 // the name must be exactly ours, the key must match, and it must be valid
 // now. An expired certificate is deleted (a CA will not renew what it no
-// longer considers current); a corrupt or foreign one is reported and left
-// to be overwritten by the next issuance.
+// longer considers current). One that cannot be ours (corrupt, for another
+// name, or with a key that does not match) is moved aside, so that the
+// next issuance is not skipped for it: certmagic obtains nothing while a
+// certificate, key and metadata exist in storage. A certificate that could
+// not be read is left alone: it may be valid once the storage is back.
 func (m *manager) loadStored(ctx context.Context) (*servedCert, error) {
 	ik := m.issuer.IssuerKey()
 	certPEM, err := m.cfg.storage.Load(ctx, certmagic.StorageKeys.SiteCert(ik, m.name))
@@ -334,13 +346,58 @@ func (m *manager) loadStored(ctx context.Context) (*servedCert, error) {
 	c, err := m.checkCert(certPEM, keyPEM)
 	if err != nil {
 		var exp *expiredError
-		if errors.As(err, &exp) {
+		var bad *unusableError
+		switch {
+		case errors.As(err, &exp):
 			m.log.Info("stored certificate expired; deleting it so that a fresh one is issued", "not_after", exp.notAfter)
 			m.deleteStored(ctx)
+		case errors.As(err, &bad):
+			if aerr := m.moveAside(ctx); aerr != nil {
+				return nil, fmt.Errorf("%w (moving it aside failed: %w)", err, aerr)
+			}
+			return nil, fmt.Errorf("%w; moved it aside (%s) so that a new one is issued", err, asideSuffix)
 		}
 		return nil, err
 	}
 	return c, nil
+}
+
+// unusableError: the stored certificate can never be ours, whatever the
+// time: corrupt, for another name, or not matching its key.
+type unusableError struct{ err error }
+
+func (e *unusableError) Error() string { return e.err.Error() }
+func (e *unusableError) Unwrap() error { return e.err }
+
+// asideSuffix is appended to the storage keys of an unusable certificate,
+// key and metadata when they are moved aside.
+const asideSuffix = ".unusable"
+
+// moveAside copies the certificate, key and metadata under keys ending in
+// asideSuffix, for the operator to look at, then deletes the originals.
+// Nothing is deleted unless its copy was stored.
+func (m *manager) moveAside(ctx context.Context) error {
+	ik := m.issuer.IssuerKey()
+	for _, k := range []string{
+		certmagic.StorageKeys.SiteCert(ik, m.name),
+		certmagic.StorageKeys.SitePrivateKey(ik, m.name),
+		certmagic.StorageKeys.SiteMeta(ik, m.name),
+	} {
+		v, err := m.cfg.storage.Load(ctx, k)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if err := m.cfg.storage.Store(ctx, k+asideSuffix, v); err != nil {
+			return err
+		}
+		if err := m.cfg.storage.Delete(ctx, k); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
 }
 
 type expiredError struct{ notAfter time.Time }
@@ -354,17 +411,17 @@ func (e *expiredError) Error() string {
 func (m *manager) checkCert(certPEM, keyPEM []byte) (*servedCert, error) {
 	tc, err := tls.X509KeyPair(certPEM, keyPEM)
 	if err != nil {
-		return nil, fmt.Errorf("certificate and key in storage do not form a pair: %w", err)
+		return nil, &unusableError{fmt.Errorf("certificate and key in storage do not form a pair: %w", err)}
 	}
 	leaf := tc.Leaf
 	if leaf == nil {
 		if leaf, err = x509.ParseCertificate(tc.Certificate[0]); err != nil {
-			return nil, fmt.Errorf("parsing the stored certificate: %w", err)
+			return nil, &unusableError{fmt.Errorf("parsing the stored certificate: %w", err)}
 		}
 		tc.Leaf = leaf
 	}
 	if len(leaf.DNSNames) != 1 || !strings.EqualFold(leaf.DNSNames[0], m.name) {
-		return nil, fmt.Errorf("stored certificate is for %v, not %s", leaf.DNSNames, m.name)
+		return nil, &unusableError{fmt.Errorf("stored certificate is for %v, not %s", leaf.DNSNames, m.name)}
 	}
 	now := m.cfg.clock.Now()
 	if now.After(leaf.NotAfter) {
