@@ -18,6 +18,7 @@ import (
 	"os"
 	"reflect"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -77,8 +78,25 @@ func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.
 		return nil, fmt.Errorf("making the ACME endpoint's TLS certificate: %w", err)
 	}
 	acmeHandler := frontEnd.Handler()
+	// Pebble's store deadlocks under concurrent load: a new order looks for
+	// a reusable authorization holding the store's read lock and taking each
+	// authorization's (db.MemoryStore.FindValidAuthorization), while a
+	// request on an authorization holds that authorization's write lock and
+	// takes the store's read lock (wfe.Authz); with a store writer waiting
+	// in between (AddChallenge of another new order), nothing moves again.
+	// Seen with 50 hosts issuing at once. New orders therefore never run
+	// alongside requests on authorizations.
+	var orderMu sync.RWMutex
 	srv, err := newLoopbackServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		count.Add(1)
+		switch {
+		case r.URL.Path == "/order-plz":
+			orderMu.Lock()
+			defer orderMu.Unlock()
+		case strings.HasPrefix(r.URL.Path, "/authZ/"):
+			orderMu.RLock()
+			defer orderMu.RUnlock()
+		}
 		acmeHandler.ServeHTTP(w, r)
 	}), logger)
 	if err != nil {
