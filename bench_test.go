@@ -92,7 +92,7 @@ func nextCert(b *testing.B, sub <-chan any, timeout time.Duration) time.Time {
 // they add up to the time to certificate.
 var phaseNames = []string{
 	"host",     // libp2p.New: build and start the host
-	"health",   // the run loop's gates and the broker health check
+	"health",   // the run loop's gates and the broker health check, after New returned
 	"prep",     // certmagic: storage check, lock, key, CSR
 	"account",  // ACME account registration (fresh identity, fresh storage)
 	"order",    // new order and its authorization
@@ -129,7 +129,10 @@ func (t *issuanceTrace) at(p tracePoint) {
 }
 
 // marks returns the phase boundaries, a missing point taking the time of
-// the next one (so its phase reads zero).
+// the next one (so its phase reads zero). The run loop starts inside
+// libp2p.New, so the health check can end before New returns: a boundary
+// is never earlier than the one before it (that phase then reads zero and
+// its time counts in the one before).
 func (t *issuanceTrace) marks() []time.Time {
 	m := []time.Time{t.start, t.built, t.health}
 	m = append(m, t.points[:]...)
@@ -137,6 +140,11 @@ func (t *issuanceTrace) marks() []time.Time {
 	for i := len(m) - 2; i >= 0; i-- {
 		if m[i].IsZero() {
 			m[i] = m[i+1]
+		}
+	}
+	for i := 1; i < len(m); i++ {
+		if m[i].Before(m[i-1]) {
+			m[i] = m[i-1]
 		}
 	}
 	return m
