@@ -301,6 +301,11 @@ func (i *acmeIssuer) authorize(ctx context.Context, account acme.Account, order 
 		if err != nil {
 			return fmt.Errorf("asking the CA to validate %s: %w", p.authz.IdentifierValue(), err)
 		}
+		// A Retry-After on the challenge's response is for the first poll
+		// of its authorization. (The transport keeps one: with several
+		// authorizations, only the last one's would be kept. Our orders
+		// have one.)
+		i.retryAfter.move(p.chal.URL, p.authz.Location)
 		if chal.Status == acme.StatusValid {
 			todo[k].authz.Status = acme.StatusValid
 		}
