@@ -1,9 +1,12 @@
 package testforge
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
@@ -25,8 +28,9 @@ type CAProxy struct {
 	// URL is the ACME directory through the proxy.
 	URL string
 	// Roots trusts the proxy's TLS certificate (give it with URL to the
-	// ACME client).
-	Roots *x509.CertPool
+	// ACME client); RootPEM is that certificate, PEM encoded.
+	Roots   *x509.CertPool
+	RootPEM []byte
 
 	f     *Forge
 	srv   *http.Server
@@ -52,6 +56,8 @@ type CARequest struct {
 	RetryAfter string
 	// Faulted is true when the fault hook answered instead of the CA.
 	Faulted bool
+	// Body is the request's body (at most 1 MiB).
+	Body []byte
 }
 
 // StartCAProxy starts a proxy in front of the forge's CA, on 127.0.0.1.
@@ -68,6 +74,7 @@ func (f *Forge) StartCAProxy() (*CAProxy, error) {
 	}
 	p := &CAProxy{f: f, Roots: x509.NewCertPool(), done: make(chan struct{})}
 	p.Roots.AddCert(leaf)
+	p.RootPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leaf.Raw})
 	upstream := f.pebble.client().Transport.(*http.Transport)
 	p.up = upstream
 	rp := &httputil.ReverseProxy{
@@ -81,6 +88,10 @@ func (f *Forge) StartCAProxy() (*CAProxy, error) {
 	srv, err := newLoopbackServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
 		req := CARequest{Method: r.Method, Path: r.URL.Path, Received: time.Now()}
+		if r.Body != nil {
+			req.Body, _ = io.ReadAll(io.LimitReader(r.Body, 1<<20))
+			r.Body = io.NopCloser(bytes.NewReader(req.Body))
+		}
 		if fn := p.fault.Load(); fn != nil && (*fn)(rec, r) {
 			req.Faulted = true
 		} else {
