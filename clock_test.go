@@ -16,6 +16,10 @@ import (
 //
 // Every wait asked for is recorded, so a test can assert the manager's
 // backoff (a lower bound, never a speed).
+//
+// A wait within the horizon is over as soon as it starts: something the
+// manager selects on alongside it (a kick) should be sent while the
+// manager is parked, or it races a timer that has already fired.
 type fakeClock struct {
 	mu      sync.Mutex
 	now     time.Time
