@@ -103,7 +103,9 @@ func (m *manager) pollARI(ctx context.Context, leaf *x509.Certificate) {
 	s.pick = pick
 	next := ariDefaultPoll
 	if ri.RetryAfter != nil {
-		next = ri.RetryAfter.Sub(now)
+		// acmez turns the header into a wall-clock instant; the delay it
+		// names is measured on the wall clock, whatever m's clock says.
+		next = time.Until(*ri.RetryAfter)
 	}
 	s.nextPoll = now.Add(min(max(next, ariMinPoll), ariMaxPoll))
 }

@@ -38,8 +38,10 @@ type CAProxy struct {
 	done  chan struct{}
 	fault atomic.Pointer[func(http.ResponseWriter, *http.Request) bool]
 
-	mu   sync.Mutex
-	reqs []CARequest
+	mu       sync.Mutex
+	reqs     []CARequest
+	closed   bool           // guarded by mu
+	inflight sync.WaitGroup // handlers running; Add under mu while !closed
 }
 
 // CARequest is one request the proxy received.
@@ -86,6 +88,15 @@ func (f *Forge) StartCAProxy() (*CAProxy, error) {
 		ErrorLog:  slog.NewLogLogger(f.log.Handler(), slog.LevelDebug),
 	}
 	srv, err := newLoopbackServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			http.Error(w, "the CA proxy is closed", http.StatusServiceUnavailable)
+			return
+		}
+		p.inflight.Add(1)
+		p.mu.Unlock()
+		defer p.inflight.Done()
 		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
 		req := CARequest{Method: r.Method, Path: r.URL.Path, Received: time.Now()}
 		if r.Body != nil {
@@ -134,11 +145,20 @@ func (p *CAProxy) Requests() []CARequest {
 	return slices.Clone(p.reqs)
 }
 
-// Close stops the proxy and waits for it, and closes its connections to
-// the CA. It may be called more than once.
+// Close stops the proxy, waits for its handlers, and closes its connections
+// to the CA. It may be called more than once.
+//
+// http.Server.Close does not wait for handlers: one still proxying a request
+// would hand its upstream connection back to the pool after
+// CloseIdleConnections and leave it (and Pebble's side of it) running. So
+// the handlers are counted and awaited first.
 func (p *CAProxy) Close() {
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
 	_ = p.srv.Close()
 	<-p.done
+	p.inflight.Wait()
 	p.up.CloseIdleConnections()
 }
 
