@@ -20,6 +20,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -833,6 +834,89 @@ func problem(w http.ResponseWriter, status int, typ, detail, retryAfter string) 
 	w.Header().Set("Content-Type", "application/problem+json")
 	w.WriteHeader(status)
 	fmt.Fprintf(w, `{"type":%q,"detail":%q,"status":%d}`, typ, detail, status)
+}
+
+// TestFaultCARefusesReplaces: at renewal the order names the certificate it
+// replaces (ARI). A CA that cannot find that certificate (Pebble answers 500
+// for some serials; Let's Encrypt says alreadyReplaced when an earlier order
+// named it) must not keep the host from renewing: the same attempt orders
+// again without "replaces", and the renewal goes through with no warning.
+func TestFaultCARefusesReplaces(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	ca := startCAProxy(t, f)
+	leaks := leakCheck(t)
+	ca.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodPost || r.URL.Path != "/order-plz" {
+			return false
+		}
+		body, _ := io.ReadAll(r.Body)
+		r.Body = io.NopCloser(bytes.NewReader(body)) // for the CA, if proxied
+		if orderReplaces(t, body) == "" {
+			return false
+		}
+		problem(w, http.StatusInternalServerError, acme.ProblemTypeNamespace+"serverInternal",
+			"could not find an order for the given certificate: could not find order resulting in the given certificate serial number", "")
+		return true
+	})
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(time.Minute)) // before the first ARI poll can be due
+	r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
+	r.closers = append(r.closers, ca.Close)
+	served := r.waitLoaded(t)
+
+	r.kick(t) // renewal due
+	deadline := time.Now().Add(30 * time.Second)
+	for r.m.cert.Load() == served && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if c := r.m.cert.Load(); c == nil || c == served {
+		t.Fatalf("not renewed:\n%s", r.logs)
+	}
+	var with, without int
+	for _, req := range ca.Requests() {
+		if req.Method != http.MethodPost || req.Path != "/order-plz" {
+			continue
+		}
+		if orderReplaces(t, req.Body) != "" {
+			with++
+		} else {
+			without++
+		}
+	}
+	// One order at issuance; at renewal the refused one (the ACME client
+	// itself tries a 500 up to three times), then one without "replaces".
+	if with == 0 || without != 2 {
+		t.Errorf("orders naming the replaced certificate: %d, without: %d; want some, and 2", with, without)
+	}
+	if w := warnings(r); len(w) != 0 {
+		t.Errorf("%d warnings, want none:\n%s", len(w), r.logs)
+	}
+	r.closeAndCheck(t, leaks)
+}
+
+// orderReplaces returns the "replaces" field of a new-order request's JWS
+// body.
+func orderReplaces(t *testing.T, raw []byte) string {
+	t.Helper()
+	var jws struct {
+		Payload string `json:"payload"`
+	}
+	if err := json.Unmarshal(raw, &jws); err != nil {
+		t.Errorf("a new-order request is not a JWS: %v", err)
+		return ""
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(jws.Payload)
+	if err != nil {
+		t.Errorf("a new-order payload is not base64url: %v", err)
+		return ""
+	}
+	var order struct {
+		Replaces string `json:"replaces"`
+	}
+	if err := json.Unmarshal(payload, &order); err != nil {
+		t.Errorf("a new-order payload is not JSON: %v", err)
+	}
+	return order.Replaces
 }
 
 // TestFaultCA drives the CA into its failures: Pebble rejecting half the

@@ -202,6 +202,24 @@ func (i *acmeIssuer) Issue(ctx context.Context, csr *x509.CertificateRequest) (*
 	}
 }
 
+// refusedReplaces tells whether err, from creating an order that names the
+// certificate it replaces, may be about that name: any ACME problem except
+// those that say to come back later (rate limits, 429, 503), which an order
+// without "replaces" would meet as well.
+func refusedReplaces(err error) bool {
+	var prob acme.Problem
+	if !errors.As(err, &prob) {
+		return false
+	}
+	switch {
+	case prob.Type == acme.ProblemTypeRateLimited,
+		prob.Status == http.StatusTooManyRequests,
+		prob.Status == http.StatusServiceUnavailable:
+		return false
+	}
+	return true
+}
+
 // order runs one ACME order for csr's names (RFC 8555 §7.1): it creates the
 // order, solves its authorizations, finalizes it and downloads the chains.
 func (i *acmeIssuer) order(ctx context.Context, account acme.Account, csr *x509.CertificateRequest) ([]acme.Certificate, error) {
@@ -216,10 +234,13 @@ func (i *acmeIssuer) order(ctx context.Context, account acme.Account, csr *x509.
 		}
 	}
 	created, err := i.client.NewOrder(ctx, account, order)
-	var prob acme.Problem
-	if err != nil && order.Replaces != "" && errors.As(err, &prob) && prob.Type == acme.ProblemTypeAlreadyReplaced {
-		// An earlier order already named it (and did not complete):
-		// order without "replaces".
+	if err != nil && order.Replaces != "" && refusedReplaces(err) {
+		// "replaces" only earns the renewal ARI's treatment; it must never
+		// stand between the host and its renewal. An earlier order may have
+		// named the certificate already (alreadyReplaced), or the CA may not
+		// find the certificate (Pebble answers 500 for some serials): order
+		// again without it.
+		i.log.Debug("the CA refused the order naming the certificate it replaces; ordering without", "err", err)
 		order.Replaces = ""
 		created, err = i.client.NewOrder(ctx, account, order)
 	}
