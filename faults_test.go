@@ -272,6 +272,20 @@ func (r *faultRig) waitLoaded(t *testing.T) *servedCert {
 	return nil
 }
 
+// waitRenewed waits for a certificate other than served to be served.
+func (r *faultRig) waitRenewed(t *testing.T, served *servedCert) *servedCert {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if c := r.m.cert.Load(); c != nil && c != served {
+			return c
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("not renewed within 30 s; log:\n%s", r.logs)
+	return nil
+}
+
 // checkBackoff checks waits against the manager's retry rule: the wait
 // after the n-th consecutive failure lies in [d/2, d] with d =
 // base·2^(n-1) capped at max, and lower bounds from Retry-After are
@@ -865,13 +879,7 @@ func TestFaultCARefusesReplaces(t *testing.T) {
 	served := r.waitLoaded(t)
 
 	r.kick(t) // renewal due
-	deadline := time.Now().Add(30 * time.Second)
-	for r.m.cert.Load() == served && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
-	if c := r.m.cert.Load(); c == nil || c == served {
-		t.Fatalf("not renewed:\n%s", r.logs)
-	}
+	r.waitRenewed(t, served)
 	var with, without int
 	for _, req := range ca.Requests() {
 		if req.Method != http.MethodPost || req.Path != "/order-plz" {
@@ -1463,13 +1471,7 @@ func TestFaultStorageUnwritable(t *testing.T) {
 		pingOverTCP(t, f, r.h)
 		fix()
 		r.kick(t)
-		deadline := time.Now().Add(30 * time.Second)
-		for r.m.cert.Load() == served && time.Now().Before(deadline) {
-			time.Sleep(5 * time.Millisecond)
-		}
-		if r.m.cert.Load() == served {
-			t.Fatalf("not renewed after the fix:\n%s", r.logs)
-		}
+		r.waitRenewed(t, served)
 		r.closeAndCheck(t, leaks)
 	})
 }
@@ -1494,14 +1496,7 @@ func TestFaultStorageCorruptAtRenewal(t *testing.T) {
 	mustWrite(t, s.cert, []byte("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"))
 
 	r.kick(t) // renewal due
-	deadline := time.Now().Add(30 * time.Second)
-	for r.m.cert.Load() == served && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
-	c := r.m.cert.Load()
-	if c == nil || c == served {
-		t.Fatalf("not renewed (served %v):\n%s", c, r.logs)
-	}
+	r.waitRenewed(t, served)
 	if _, err := r.m.checkCert(mustRead(t, s.cert), mustRead(t, s.key)); err != nil {
 		t.Errorf("storage does not hold the renewed certificate: %v", err)
 	}
