@@ -1914,19 +1914,18 @@ func TestFaultBrokerOutageDay(t *testing.T) {
 		forgetValidAuthz(t, r, ca)
 
 		// From now on the CA's renewal information (ARI) says: renew now
-		// (its window is in the past, as before a revocation). It is
-		// answered here rather than by Pebble to give its Retry-After as
-		// a date on the simulated clock: acmez turns a delay into a
-		// wall-clock time, which the manager compares with its own clock,
-		// so with Pebble's answer a simulated day would poll every minute
-		// (see docs/reliability.md).
+		// (its window is in the past on the simulated clock, as before a
+		// revocation), and poll again in 6 h. A delay in seconds, as a CA
+		// sends it: acmez turns it into a wall-clock instant, which the
+		// manager measures on the wall clock, so the simulated clock still
+		// waits 6 h.
 		ca.SetFault(func(w http.ResponseWriter, req *http.Request) bool {
 			if !strings.Contains(req.URL.Path, "renewalInfo") {
 				return false
 			}
 			now := clk.Now()
 			w.Header().Set("Content-Type", "application/json")
-			w.Header().Set("Retry-After", now.Add(6*time.Hour).UTC().Format(http.TimeFormat))
+			w.Header().Set("Retry-After", fmt.Sprint(int((6 * time.Hour).Seconds())))
 			fmt.Fprintf(w, `{"suggestedWindow":{"start":%q,"end":%q}}`,
 				now.Add(-2*time.Hour).UTC().Format(time.RFC3339), now.Add(-time.Hour).UTC().Format(time.RFC3339))
 			return true
