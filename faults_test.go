@@ -879,7 +879,10 @@ func TestFaultCARefusesReplaces(t *testing.T) {
 	served := r.waitLoaded(t)
 
 	r.kick(t) // renewal due
-	r.waitRenewed(t, served)
+	renewed := r.waitRenewed(t, served)
+	if samePublicKey(renewed.leaf.PublicKey, served.leaf.PublicKey) {
+		t.Error("the renewed certificate has the old one's key")
+	}
 	var with, without int
 	for _, req := range ca.Requests() {
 		if req.Method != http.MethodPost || req.Path != "/order-plz" {
@@ -1630,11 +1633,12 @@ func TestFaultCrashChild(t *testing.T) {
 // TestFaultCrashRestart: a process is killed between the CA issuing its
 // certificate and storing it (a real crash: a child process exits inside
 // the storage write, leaving its lock file behind). On restart with the
-// same identity and storage, the host gets its certificate with the ACME
-// account it had stored, and, since the CA reuses the authorization it
-// validated, without a second registration or validation. A new order is
-// placed: Let's Encrypt lists no orders, and the old one's URL was not
-// stored (the only state that would allow reusing it).
+// same identity and storage, the host gets the certificate the CA issued
+// before the crash: the pending order (its key and URL, pending.go) is
+// taken up, so there is no new account, order, registration, validation or
+// finalization, and so no second certificate counting against the CA's
+// limit on the name. The pending order is deleted once the certificate is
+// stored.
 func TestFaultCrashRestart(t *testing.T) {
 	f := startForge(t, testforge.Config{AuthzReusePercent: 100})
 	ca := startCAProxy(t, f)
@@ -1659,6 +1663,10 @@ func TestFaultCrashRestart(t *testing.T) {
 	s := filesFor(dir, f, ca.URL, id)
 	if _, err := os.Stat(s.cert); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("a certificate was stored before the crash: %v", err)
+	}
+	pendingGlob := filepath.Join(dir, "autotls", "acme", "*", "pending", "*.json")
+	if pending, _ := filepath.Glob(pendingGlob); len(pending) != 1 {
+		t.Fatalf("the crash left %d pending orders, want 1", len(pending))
 	}
 	crashed := ca.Requests()
 	if count(crashed, http.MethodPost, "/certZ/") != 1 {
@@ -1688,15 +1696,23 @@ func TestFaultCrashRestart(t *testing.T) {
 		"new accounts":  count(after, http.MethodPost, "/sign-me-up"),
 		"new orders":    count(after, http.MethodPost, "/order-plz"),
 		"validations":   count(after, http.MethodPost, "/chalZ/"),
+		"finalizations": count(after, http.MethodPost, "/finalize-order/"),
 		"registrations": f.Stats().Registered - before.Registered,
 	}
-	want := map[string]int{"new accounts": 0, "new orders": 1, "validations": 0, "registrations": 0}
+	if count(crashed, http.MethodPost, "/finalize-order/") != 1 {
+		t.Fatalf("the child's finalization is not where the test looks for it")
+	}
+	want := map[string]int{"new accounts": 0, "new orders": 0, "validations": 0, "finalizations": 0, "registrations": 0}
 	for k, w := range want {
 		if got[k] != w {
 			t.Errorf("restart: %d %s, want %d", got[k], k, w)
 		}
 	}
 	t.Logf("restart after the crash: %v, %d CA requests", got, len(after))
+	pending, err := filepath.Glob(pendingGlob)
+	if err != nil || len(pending) != 0 {
+		t.Errorf("the pending order outlived the stored certificate: %v %v", pending, err)
+	}
 	pingOverTCP(t, f, r.h)
 	r.closeAndCheck(t, leaks)
 }

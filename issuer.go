@@ -40,6 +40,7 @@ type acmeIssuer struct {
 	email   string
 	profile string
 	key     string
+	name    string // the certificate's name, for the pending order
 	log     *slog.Logger
 	// current returns the leaf being served, if any; it is named in the
 	// order's "replaces" field while it is unexpired (ARI, RFC 9773).
@@ -58,6 +59,9 @@ type acmeIssuer struct {
 
 	mu      sync.Mutex
 	account *acme.Account
+
+	keyMu   sync.Mutex
+	lastKey crypto.Signer // the certificate key GenerateKey last gave
 }
 
 // Polling of authorizations and orders. A CA often validates a DNS-01
@@ -104,6 +108,7 @@ func (i *acmeIssuer) at(p tracePoint) {
 var (
 	_ certmagic.Issuer            = (*acmeIssuer)(nil)
 	_ certmagic.RenewalInfoGetter = (*acmeIssuer)(nil)
+	_ certmagic.KeyGenerator      = (*acmeIssuer)(nil)
 )
 
 type issuerConfig struct {
@@ -116,6 +121,7 @@ type issuerConfig struct {
 	// defaultPollFirst.
 	pollInterval time.Duration
 	storage      certmagic.Storage
+	name         string
 	solver       acmez.Solver
 	log          *slog.Logger
 	current      func() *x509.Certificate
@@ -150,6 +156,7 @@ func newACMEIssuer(c issuerConfig) *acmeIssuer {
 		email:      c.email,
 		profile:    c.profile,
 		key:        issuerKey(c.caURL),
+		name:       c.name,
 		log:        c.log,
 		current:    c.current,
 		now:        c.now,
@@ -221,16 +228,51 @@ func refusedReplaces(err error) bool {
 }
 
 // order runs one ACME order for csr's names (RFC 8555 §7.1): it creates the
-// order, solves its authorizations, finalizes it and downloads the chains.
+// order, or takes up the pending one, solves its authorizations, finalizes
+// it and downloads the chains.
 func (i *acmeIssuer) order(ctx context.Context, account acme.Account, csr *x509.CertificateRequest) ([]acme.Certificate, error) {
 	params, err := acmez.OrderParametersFromCSR(account, csr)
 	if err != nil {
 		return nil, fmt.Errorf("preparing the order: %w", err)
 	}
-	order := acme.Order{Identifiers: params.Identifiers, Profile: i.profile}
+	order, resumed := i.resumeOrder(ctx, account, csr, params.Identifiers)
+	if !resumed {
+		if order, err = i.newOrder(ctx, account, params.Identifiers); err != nil {
+			return nil, err
+		}
+	}
+
+	switch order.Status {
+	case acme.StatusValid:
+	case acme.StatusProcessing:
+		if order, err = i.pollOrder(ctx, account, order); err != nil {
+			return nil, err
+		}
+	default: // pending, or ready if every authorization is valid already
+		if err := i.authorize(ctx, account, order); err != nil {
+			return nil, err
+		}
+		i.at(traceValid)
+		i.rememberOrder(ctx, csr, order.Location)
+		if order, err = i.finalize(ctx, account, order, csr.Raw); err != nil {
+			return nil, err
+		}
+	}
+	chains, err := i.client.GetCertificateChain(ctx, account, order.Certificate)
+	if err != nil {
+		return nil, fmt.Errorf("downloading the certificate %s: %w", order.Certificate, err)
+	}
+	return chains, nil
+}
+
+// newOrder creates an order for ids. While the certificate in use is
+// unexpired the order names it in "replaces" (ARI).
+func (i *acmeIssuer) newOrder(ctx context.Context, account acme.Account, ids []acme.Identifier) (acme.Order, error) {
+	order := acme.Order{Identifiers: ids, Profile: i.profile}
 	if cur := i.current(); cur != nil && i.now().Before(cur.NotAfter) {
+		var err error
 		if order.Replaces, err = acme.ARIUniqueIdentifier(cur); err != nil {
-			return nil, fmt.Errorf("naming the certificate replaced: %w", err)
+			return acme.Order{}, fmt.Errorf("naming the certificate replaced: %w", err)
 		}
 	}
 	created, err := i.client.NewOrder(ctx, account, order)
@@ -245,23 +287,9 @@ func (i *acmeIssuer) order(ctx context.Context, account acme.Account, csr *x509.
 		created, err = i.client.NewOrder(ctx, account, order)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("creating the order: %w", err)
+		return acme.Order{}, fmt.Errorf("creating the order: %w", err)
 	}
-	order = created
-
-	if err := i.authorize(ctx, account, order); err != nil {
-		return nil, err
-	}
-	i.at(traceValid)
-
-	if order, err = i.finalize(ctx, account, order, csr.Raw); err != nil {
-		return nil, err
-	}
-	chains, err := i.client.GetCertificateChain(ctx, account, order.Certificate)
-	if err != nil {
-		return nil, fmt.Errorf("downloading the certificate %s: %w", order.Certificate, err)
-	}
-	return chains, nil
+	return created, nil
 }
 
 // authorize solves the order's pending authorizations with DNS-01: it
@@ -389,10 +417,14 @@ func (i *acmeIssuer) finalize(ctx context.Context, account acme.Account, order a
 	case finalized.Status != acme.StatusProcessing:
 		return finalized, fmt.Errorf("finalizing the order %s: the order is %s", order.Location, finalized.Status)
 	}
-	order = finalized
-	// The finalize response's Retry-After, if any, is for this first poll.
-	i.retryAfter.move(order.Finalize, order.Location)
-	err = i.poll(ctx, order.Location, func() (bool, error) {
+	// The finalize response's Retry-After, if any, is for the first poll.
+	i.retryAfter.move(order.Finalize, finalized.Location)
+	return i.pollOrder(ctx, account, finalized)
+}
+
+// pollOrder polls a processing order until the certificate is issued.
+func (i *acmeIssuer) pollOrder(ctx context.Context, account acme.Account, order acme.Order) (acme.Order, error) {
+	err := i.poll(ctx, order.Location, func() (bool, error) {
 		o, err := i.client.GetOrder(ctx, account, order)
 		if err != nil {
 			return false, fmt.Errorf("polling the order %s: %w", order.Location, err)

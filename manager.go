@@ -142,6 +142,7 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 		profile:      m.cfg.profile,
 		pollInterval: m.cfg.acmePollInterval,
 		storage:      m.cfg.storage,
+		name:         m.name,
 		solver:       solver,
 		log:          quietLogger(m.log.With("component", "acme")),
 		current:      m.currentLeaf,
@@ -178,6 +179,7 @@ func (m *manager) newCertmagic() {
 	magic = certmagic.New(m.cache, certmagic.Config{
 		Storage:    m.cfg.storage,
 		Issuers:    []certmagic.Issuer{m.issuer},
+		KeySource:  m.issuer, // keeps the key until the certificate is stored (pending.go)
 		Logger:     zl,
 		OCSP:       certmagic.OCSPConfig{DisableStapling: true},
 		DisableARI: true,
@@ -314,6 +316,7 @@ func (m *manager) issue(ctx context.Context, renewal bool) error {
 	if err != nil {
 		return fmt.Errorf("loading the certificate from storage: %w", err)
 	}
+	m.issuer.forgetPending(ctx)
 	if cur := m.cert.Load(); renewal && cur != nil && c.leaf.Equal(cur.leaf) {
 		return errors.New("renewal stored no new certificate")
 	}
