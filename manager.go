@@ -290,10 +290,11 @@ func (m *manager) run(loadErr error) {
 		delay := m.retryDelay(attempt, err)
 		retryAt = m.cfg.clock.Now().Add(delay)
 		level := slog.LevelWarn
-		if err.Error() == lastErr {
+		if key := failureKey(err); key == lastErr {
 			level = slog.LevelDebug // the same failure again: said once already
+		} else {
+			lastErr = key
 		}
-		lastErr = err.Error()
 		m.log.Log(ctx, level, describeFailure(err), "renewal", renewal, "attempt", attempt, "retry_in", delay.Round(time.Second), "err", err)
 		_ = m.emFailed.Emit(EvtIssuanceFailed{Err: err, Attempt: attempt, NextRetry: retryAt, Renewal: renewal})
 	}
@@ -594,6 +595,25 @@ func (m *manager) caRetryAfter() time.Duration {
 		return 0
 	}
 	return max(time.Until(at), 0)
+}
+
+// failureKey tells failures apart for logging: a failure with the same key
+// as the one before is logged at debug level only. Error texts carry what
+// changes from one attempt to the next (order URLs, what the last DNS
+// lookup found), so the known causes are keyed by what they are.
+func failureKey(err error) string {
+	var be *BrokerError
+	var txt *txtNotVisibleError
+	var prob acme.Problem
+	switch {
+	case errors.As(err, &be):
+		return fmt.Sprintf("broker: status %d, unreachable %t", be.StatusCode, be.Unreachable())
+	case errors.As(err, &txt):
+		return "TXT record not visible"
+	case errors.As(err, &prob):
+		return fmt.Sprintf("CA: %s, validation %t", prob.Type, validationFailed(prob))
+	}
+	return err.Error()
 }
 
 // describeFailure is the operator-facing sentence for a failed attempt.

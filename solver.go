@@ -95,13 +95,25 @@ func (s *dns01Solver) Wait(ctx context.Context, chal acme.Challenge) error {
 		case <-ctx.Done():
 			t.Stop()
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return fmt.Errorf("TXT record %s not visible after %v (last lookup: %v): the broker accepted the challenge but its DNS does not show it; is the resolver able to reach the forge's DNS?", name, timeout, lastErr)
+				return &txtNotVisibleError{name: name, timeout: timeout, last: lastErr}
 			}
 			return ctx.Err()
 		case <-t.C:
 		}
 		backoff = min(backoff*2, txtMaxBackoff)
 	}
+}
+
+// txtNotVisibleError: the broker accepted the challenge, but its TXT record
+// did not show through the resolver in time.
+type txtNotVisibleError struct {
+	name    string
+	timeout time.Duration
+	last    error // what the last lookup found
+}
+
+func (e *txtNotVisibleError) Error() string {
+	return fmt.Sprintf("TXT record %s not visible after %v (last lookup: %v): the broker accepted the challenge but its DNS does not show it; is the resolver able to reach the forge's DNS?", e.name, e.timeout, e.last)
 }
 
 // CleanUp does nothing: the broker keeps one value per peer and overwrites
