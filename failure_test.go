@@ -13,7 +13,9 @@ import (
 // repeat) are told apart by cause, not by error text, which changes between
 // attempts of the same failure.
 func TestFailureKey(t *testing.T) {
-	wrap := func(err error) error { return fmt.Errorf("[*.x.libp2p.direct] Obtain: ACME order at https://ca/dir: %w", err) }
+	wrap := func(err error) error {
+		return fmt.Errorf("[*.x.libp2p.direct] Obtain: ACME order at https://ca/dir: %w", err)
+	}
 	txt := func(last string) error {
 		return wrap(&txtNotVisibleError{name: "_acme-challenge.x.libp2p.direct.", timeout: time.Minute, last: errors.New(last)})
 	}
