@@ -272,6 +272,21 @@ func (r *faultRig) waitLoaded(t *testing.T) *servedCert {
 	return nil
 }
 
+// startDirRig starts a rig storing in a new directory, with its clock held
+// before the first ARI poll can be due, and waits for its certificate.
+func startDirRig(t *testing.T, f *testforge.Forge) (r *faultRig, dir string, served *servedCert) {
+	t.Helper()
+	dir = filepath.Join(t.TempDir(), "store")
+	st, err := storage.Dir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(time.Minute))
+	r = startRig(t, f, clk, nil, nil, WithStorage(st))
+	return r, dir, r.waitLoaded(t)
+}
+
 // waitRenewed waits for a certificate other than served to be served.
 func (r *faultRig) waitRenewed(t *testing.T, served *servedCert) *servedCert {
 	t.Helper()
@@ -1441,15 +1456,7 @@ func TestFaultStorageUnwritable(t *testing.T) {
 	})
 	t.Run("renewal", func(t *testing.T) {
 		leaks := leakCheck(t)
-		dir := filepath.Join(t.TempDir(), "store")
-		st, err := storage.Dir(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		clk := newClockAtNow()
-		clk.SetHorizon(clk.Now().Add(time.Minute)) // before the first ARI poll can be due
-		r := startRig(t, f, clk, nil, nil, WithStorage(st))
-		served := r.waitLoaded(t)
+		r, dir, served := startDirRig(t, f)
 		fix := breakDir(t, dir)
 		r.kick(t) // renew now
 		sub, err := r.h.EventBus().Subscribe(new(EvtIssuanceFailed))
@@ -1486,15 +1493,7 @@ func TestFaultStorageUnwritable(t *testing.T) {
 func TestFaultStorageCorruptAtRenewal(t *testing.T) {
 	f := startForge(t, testforge.Config{})
 	leaks := leakCheck(t)
-	dir := filepath.Join(t.TempDir(), "store")
-	st, err := storage.Dir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	clk := newClockAtNow()
-	clk.SetHorizon(clk.Now().Add(time.Minute)) // before the first ARI poll can be due
-	r := startRig(t, f, clk, nil, nil, WithStorage(st))
-	served := r.waitLoaded(t)
+	r, dir, served := startDirRig(t, f)
 	s := filesFor(dir, f, f.CAURL, r.h.ID())
 	mustWrite(t, s.cert, []byte("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"))
 
