@@ -272,6 +272,18 @@ func (r *faultRig) waitLoaded(t *testing.T) *servedCert {
 	return nil
 }
 
+// startProxiedRig starts a rig with in-memory storage whose CA is reached
+// through ca (closed with the rig), its clock held before the first ARI
+// poll can be due.
+func startProxiedRig(t *testing.T, f *testforge.Forge, ca *testforge.CAProxy) *faultRig {
+	t.Helper()
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(time.Minute))
+	r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
+	r.closers = append(r.closers, ca.Close)
+	return r
+}
+
 // startDirRig starts a rig storing in a new directory, with its clock held
 // before the first ARI poll can be due, and waits for its certificate.
 func startDirRig(t *testing.T, f *testforge.Forge) (r *faultRig, dir string, served *servedCert) {
@@ -887,10 +899,7 @@ func TestFaultCARefusesReplaces(t *testing.T) {
 			"could not find an order for the given certificate: could not find order resulting in the given certificate serial number", "")
 		return true
 	})
-	clk := newClockAtNow()
-	clk.SetHorizon(clk.Now().Add(time.Minute)) // before the first ARI poll can be due
-	r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
-	r.closers = append(r.closers, ca.Close)
+	r := startProxiedRig(t, f, ca)
 	served := r.waitLoaded(t)
 
 	r.kick(t) // renewal due
@@ -1114,12 +1123,7 @@ func TestFaultCA(t *testing.T) {
 		f := startForge(t, testforge.Config{RetryAfterAuthz: 1, RetryAfterOrder: 1})
 		ca := startCAProxy(t, f)
 		leaks := leakCheck(t)
-		// The horizon keeps the manager from running on to ARI polls
-		// (whose Retry-After it honours on its own clock).
-		clk := newClockAtNow()
-		clk.SetHorizon(clk.Now().Add(time.Minute))
-		r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
-		r.closers = append(r.closers, ca.Close)
+		r := startProxiedRig(t, f, ca)
 		r.waitLoaded(t)
 		reqs := ca.Requests()
 		checked := 0
@@ -1777,10 +1781,8 @@ func TestFaultExpiry(t *testing.T) {
 		f := startForge(t, testforge.Config{CertValidity: 24 * time.Hour})
 		ca := startCAProxy(t, f)
 		leaks := leakCheck(t)
-		clk := newClockAtNow()
-		clk.SetHorizon(clk.Now().Add(time.Minute))
-		r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
-		r.closers = append(r.closers, ca.Close)
+		r := startProxiedRig(t, f, ca)
+		clk := r.clk
 		served := r.waitLoaded(t)
 		clk.WaitParked(t, 30*time.Second)
 		forgetValidAuthz(t, r, ca)
