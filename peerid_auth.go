@@ -65,16 +65,18 @@ type peerIDAuth struct {
 // the host's libp2p identity key.
 //
 // base is the HTTP client to send requests with; nil means a client with a
-// [defaultHTTPTimeout] overall timeout per request. If base has no cookie
-// jar, the session uses a copy of it with a fresh jar; the caller's client is
-// never modified.
+// [defaultHTTPTimeout] overall timeout per request. The session uses a copy
+// of it, so the caller's client is never modified: the copy has a fresh
+// cookie jar if base has none, and never follows a redirect, whatever base's
+// CheckRedirect says (see [noRedirects]).
 func newPeerIDAuth(key crypto.PrivKey, base *http.Client) *peerIDAuth {
 	var c http.Client
 	if base != nil {
-		c = *base // a shallow copy: Transport, CheckRedirect and Timeout are shared
+		c = *base // a shallow copy: Transport, Jar and Timeout are shared
 	} else {
 		c.Timeout = defaultHTTPTimeout
 	}
+	c.CheckRedirect = noRedirects
 	if c.Jar == nil {
 		// cookiejar.New only fails on a bad Options value; nil is valid.
 		jar, err := cookiejar.New(nil)
@@ -84,6 +86,13 @@ func newPeerIDAuth(key crypto.PrivKey, base *http.Client) *peerIDAuth {
 	}
 	return &peerIDAuth{key: key, client: &c, auth: newClientAuth(key)}
 }
+
+// noRedirects is the CheckRedirect of a session's client: the 3xx response
+// itself is returned, and nothing is sent to the place it names. Following it
+// would send the request's headers there (the PeerID handshake, the bearer
+// token, any access token the caller set: Go drops only Authorization and
+// Cookie, and only across hosts), over plain HTTP if the Location says so.
+func noRedirects(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 
 // newClientAuth returns a go-libp2p client with an empty token cache.
 func newClientAuth(key crypto.PrivKey) *httppeeridauth.ClientPeerIDAuth {
@@ -132,7 +141,9 @@ var errHandshakeRefused = errors.New("server did not complete the PeerID authent
 // response. If it fails because of what the server answered, do returns the
 // last response together with an error wrapping [errHandshakeRefused], so
 // that the caller can act on its status and headers; its body is a bounded
-// in-memory copy. A non-nil response must be closed.
+// in-memory copy. A non-nil response must be closed. A redirect is never
+// followed: a 3xx is returned as the server's answer (with a refusal error if
+// it came before the handshake completed).
 func (a *peerIDAuth) do(req *http.Request) (peer.ID, *http.Response, error) {
 	if req == nil {
 		return "", nil, errors.New("peer ID auth: nil request")
@@ -201,7 +212,7 @@ func makeReplayable(r *http.Request) error {
 }
 
 // recordingTransport sends the requests of one do call through the session's
-// HTTP client (so that its jar, redirect policy and timeout apply) and
+// HTTP client (so that its jar, timeout and refusal of redirects apply) and
 // remembers the outcome of the last one. go-libp2p calls it sequentially.
 type recordingTransport struct {
 	client   *http.Client

@@ -746,3 +746,52 @@ func TestPeerIDAuthRefusalKeepsResponse(t *testing.T) {
 	limit.Store(false)
 	postThroughAuth(t, a, s, "later")
 }
+
+func TestPeerIDAuthRedirectNotFollowed(t *testing.T) {
+	// Redirected before the handshake (a proxy) or after it (the
+	// application, which sees the bearer token): either way the 3xx is the
+	// answer and its target sees nothing, whatever the caller's client says.
+	for _, tc := range []struct {
+		name   string
+		before bool
+		base   *http.Client
+	}{
+		{"before the handshake", true, nil},
+		{"after the handshake", false, nil},
+		{"before the handshake, caller's client follows", true, &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return nil }}},
+		{"after the handshake, caller's client follows", false, &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return nil }}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var hits atomic.Int64
+			target := newLoopbackServer(t, http.HandlerFunc(func(http.ResponseWriter, *http.Request) { hits.Add(1) }))
+			s := newAuthTestServer(t)
+			redirect := func(w http.ResponseWriter, r *http.Request) {
+				http.Redirect(w, r, target.URL+r.URL.Path, http.StatusTemporaryRedirect)
+			}
+			if tc.before {
+				s.setBefore(func(w http.ResponseWriter, r *http.Request) bool { redirect(w, r); return true })
+			} else {
+				s.setApp(redirect)
+			}
+			a := newPeerIDAuth(genTestKey(t), tc.base)
+			req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, s.url("/v1/_acme-challenge"), strings.NewReader("body"))
+			_, resp, err := a.do(req)
+			if resp == nil {
+				t.Fatalf("no response (err %v), want the 307", err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusTemporaryRedirect || resp.Header.Get("Location") != target.URL+"/v1/_acme-challenge" {
+				t.Errorf("response %d Location %q, want the 307 to the target", resp.StatusCode, resp.Header.Get("Location"))
+			}
+			if tc.before != errors.Is(err, errHandshakeRefused) {
+				t.Errorf("err = %v; want a refusal only when redirected before the handshake", err)
+			}
+			if n := hits.Load(); n != 0 {
+				t.Errorf("the redirect target received %d requests", n)
+			}
+			if tc.base != nil && tc.base.CheckRedirect == nil {
+				t.Error("the caller's client was modified")
+			}
+		})
+	}
+}
