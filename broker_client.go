@@ -57,7 +57,9 @@ const (
 // Use [errors.As] to find it in an error chain and decide what to do:
 // [BrokerError.Temporary] failures are worth retrying (after RetryAfter when
 // the broker gives one), [BrokerError.Unreachable] means the broker could not
-// dial the host back, and other failures need a configuration change.
+// dial the host back, and other failures need a configuration change, such as
+// a redirect (Location set): redirects are never followed, so the endpoint
+// must be the broker's final URL.
 //
 // A BrokerError never contains the access token.
 type BrokerError struct {
@@ -69,17 +71,25 @@ type BrokerError struct {
 	// Body is an excerpt of the response body: at most 512 bytes of valid
 	// UTF-8, trimmed, with control characters replaced by spaces.
 	Body string
+	// Location is where a redirect (a 3xx response) pointed: resolved
+	// against the request's URL (when it parses, any password in it is
+	// hidden), with the access token redacted, cleaned and bounded like
+	// Body; "" for other responses. The redirect was not followed.
+	Location string
 	// RetryAfter is the delay the broker asked for in a Retry-After header
 	// (delay-seconds or HTTP-date), capped at 7 days; 0 when absent or
 	// invalid.
 	RetryAfter time.Duration
 	// Err is the underlying error, if any: a network error when StatusCode
-	// is 0, or why the PeerID authentication did not complete.
+	// is 0, or why the PeerID authentication did not complete. It is nil
+	// for a redirect, which says it all.
 	Err error
 }
 
 // Error returns a one-line description, such as
-// "broker register: 400 Bad Request: error testing addresses: ...".
+// "broker register: 400 Bad Request: error testing addresses: ...". For a
+// redirect it names the Location and what to configure instead of the body
+// (typically a link to the same place).
 func (e *BrokerError) Error() string {
 	var b strings.Builder
 	b.WriteString("broker ")
@@ -88,7 +98,11 @@ func (e *BrokerError) Error() string {
 		b.WriteString(": ")
 		b.WriteString(statusLine(e.StatusCode))
 	}
-	if e.Body != "" {
+	if e.Location != "" {
+		b.WriteString(": redirected to ")
+		b.WriteString(e.Location)
+		b.WriteString(", not followed: configure the broker's final URL as the endpoint (WithRegistrationEndpoint)")
+	} else if e.Body != "" {
 		b.WriteString(": ")
 		b.WriteString(e.Body)
 	}
@@ -111,12 +125,13 @@ func (e *BrokerError) Unwrap() error { return e.Err }
 // Temporary reports whether the failure may go away by itself: a network
 // error or timeout, 408 Request Timeout, 425 Too Early, 429 Too Many Requests
 // or any 5xx. Other 4xx responses need a change first (configuration,
-// reachability, access token). A call cancelled by its caller is not
-// temporary.
+// reachability, access token), and so do redirects (3xx), which are never
+// followed. A call cancelled by its caller is not temporary, nor is a request
+// refused before sending because it was not for the broker's endpoint.
 func (e *BrokerError) Temporary() bool {
 	switch {
 	case e.StatusCode == 0:
-		return !errors.Is(e.Err, context.Canceled)
+		return !errors.Is(e.Err, context.Canceled) && !errors.Is(e.Err, errOffEndpoint)
 	case e.StatusCode >= 500:
 		return true
 	}
@@ -143,6 +158,9 @@ func (e *BrokerError) LogValue() slog.Value {
 	}
 	if e.Body != "" {
 		attrs = append(attrs, slog.String("body", e.Body))
+	}
+	if e.Location != "" {
+		attrs = append(attrs, slog.String("location", e.Location))
 	}
 	if e.RetryAfter > 0 {
 		attrs = append(attrs, slog.Duration("retry_after", e.RetryAfter))
@@ -174,7 +192,9 @@ type brokerConfig struct {
 	// HTTPClient sends the requests; nil means a client with a 90 s timeout
 	// per request. Each call is bounded by its context and by a deadline of
 	// its own (15 s for health, 75 s for register). The client is not
-	// modified: if it has no cookie jar, a copy with one is used.
+	// modified: a copy is used, with a cookie jar (a fresh one if it has
+	// none), which never follows redirects and refuses to send anything
+	// outside Endpoint.
 	HTTPClient *http.Client
 	// UserAgent is sent with every request; "" means
 	// "github.com/p2ptls/autotls@<module version>".
@@ -190,6 +210,13 @@ type brokerConfig struct {
 // brokerClient talks to a p2p-forge registration broker: its health check
 // and the registration of DNS-01 challenges. It owns one PeerID-auth session,
 // so registrations after the first reuse its bearer token.
+//
+// Every request goes to the endpoint and nowhere else: redirects are not
+// followed (a 3xx is a *[BrokerError] with its Location) and the transport
+// refuses a request whose URL is not under the endpoint, so neither the
+// access token nor the PeerID-auth headers can reach another origin.
+//
+// A brokerClient is safe for concurrent use.
 type brokerClient struct {
 	healthURL   string
 	registerURL string
@@ -198,6 +225,10 @@ type brokerClient struct {
 	accessToken string
 	now         func() time.Time
 }
+
+// errOffEndpoint is wrapped by the error of a request refused because its URL
+// is not under the broker endpoint.
+var errOffEndpoint = errors.New("request not for the broker endpoint")
 
 // newBrokerClient validates cfg and returns a client for its broker.
 func newBrokerClient(cfg brokerConfig) (*brokerClient, error) {
@@ -208,10 +239,21 @@ func newBrokerClient(cfg brokerConfig) (*brokerClient, error) {
 	if cfg.Key == nil {
 		return nil, errors.New("broker client: no identity key")
 	}
+	endpoint, err := url.Parse(base)
+	if err != nil { // parseEndpoint has parsed it already
+		return nil, fmt.Errorf("parsing broker endpoint: %w", err)
+	}
+	var hc http.Client
+	if cfg.HTTPClient != nil {
+		hc = *cfg.HTTPClient // newPeerIDAuth copies it again and refuses redirects
+	} else {
+		hc.Timeout = defaultHTTPTimeout
+	}
+	hc.Transport = &endpointTransport{endpoint: endpoint, next: hc.Transport}
 	c := &brokerClient{
 		healthURL:   base + healthPath,
 		registerURL: base + registerPath,
-		auth:        newPeerIDAuth(cfg.Key, cfg.HTTPClient),
+		auth:        newPeerIDAuth(cfg.Key, &hc),
 		userAgent:   cfg.UserAgent,
 		accessToken: cfg.AccessToken,
 		now:         cfg.Now,
@@ -267,6 +309,57 @@ func defaultUserAgent() string {
 		}
 	}
 	return modulePath + "@" + version
+}
+
+// underEndpoint reports whether u is endpoint or below it: the same scheme
+// and host, no user info, and a path under endpoint's without "." or ".."
+// segments.
+func underEndpoint(endpoint, u *url.URL) bool {
+	if u == nil || u.User != nil || !strings.EqualFold(u.Scheme, endpoint.Scheme) || !strings.EqualFold(u.Host, endpoint.Host) {
+		return false
+	}
+	for seg := range strings.SplitSeq(u.Path, "/") {
+		if seg == "." || seg == ".." {
+			return false
+		}
+	}
+	return strings.HasPrefix(u.EscapedPath(), endpoint.EscapedPath()+"/")
+}
+
+// endpointTransport sends only requests under the broker endpoint, and
+// refuses the others before anything is sent: it is the one place every
+// request of a [brokerClient] passes through (both legs of a handshake
+// included), so no code path can send the access token or the PeerID-auth
+// headers elsewhere.
+type endpointTransport struct {
+	endpoint *url.URL
+	next     http.RoundTripper // nil means http.DefaultTransport
+}
+
+// RoundTrip implements [http.RoundTripper].
+func (t *endpointTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if !underEndpoint(t.endpoint, req.URL) {
+		if req.Body != nil {
+			req.Body.Close() // a RoundTripper closes the body, even on error
+		}
+		return nil, fmt.Errorf("%w %s: refusing to send to %s", errOffEndpoint, t.endpoint.Redacted(), req.URL.Redacted())
+	}
+	return t.transport().RoundTrip(req)
+}
+
+// CloseIdleConnections closes the idle connections of the underlying
+// transport, if it can.
+func (t *endpointTransport) CloseIdleConnections() {
+	if ci, ok := t.transport().(interface{ CloseIdleConnections() }); ok {
+		ci.CloseIdleConnections()
+	}
+}
+
+func (t *endpointTransport) transport() http.RoundTripper {
+	if t.next == nil {
+		return http.DefaultTransport
+	}
+	return t.next
 }
 
 // health asks the broker whether it is up (GET <endpoint>/v1/health). It
@@ -343,13 +436,34 @@ func (c *brokerClient) check(op string, resp *http.Response, err error, want int
 		err = fmt.Errorf("reading response body: %w", readErr)
 	}
 	retryAfter, _ := parseRetryAfter(resp.Header.Get("Retry-After"), c.now())
-	return &BrokerError{
+	be := &BrokerError{
 		Op:         op,
 		StatusCode: resp.StatusCode,
 		Body:       excerpt(body, c.accessToken),
 		RetryAfter: retryAfter,
 		Err:        err,
 	}
+	if be.Location = redirectLocation(resp, c.accessToken); be.Location != "" {
+		// The redirect is why the call failed (and why a handshake it
+		// interrupted did not complete).
+		be.Err = nil
+	}
+	return be
+}
+
+// redirectLocation returns where resp redirects to, if it is a 3xx with a
+// Location: resolved against the request's URL (with any password hidden)
+// when it parses, and cleaned like a body excerpt (secret replaced, at most
+// [maxErrorBody] bytes). It returns "" otherwise.
+func redirectLocation(resp *http.Response, secret string) string {
+	if resp.StatusCode < 300 || resp.StatusCode > 399 || resp.Header.Get("Location") == "" {
+		return ""
+	}
+	loc := resp.Header.Get("Location")
+	if u, err := resp.Location(); err == nil {
+		loc = u.Redacted()
+	}
+	return excerpt([]byte(loc), secret)
 }
 
 // excerpt returns at most [maxErrorBody] bytes of b as trimmed, valid UTF-8

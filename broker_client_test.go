@@ -40,6 +40,20 @@ func newLoopbackServer(t *testing.T, h http.Handler) *httptest.Server {
 	return srv
 }
 
+// newLoopbackTLSServer starts an HTTPS server on 127.0.0.1 with handler h;
+// its Client() trusts its certificate (the one all httptest servers share).
+func newLoopbackTLSServer(t *testing.T, h http.Handler) *httptest.Server {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &httptest.Server{Listener: l, Config: &http.Server{Handler: h}}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	return srv
+}
+
 // newTestBrokerClient returns a client for endpoint with a fresh key; edit
 // adjusts the configuration first.
 func newTestBrokerClient(t *testing.T, endpoint string, edit func(*brokerConfig)) *brokerClient {
@@ -469,6 +483,8 @@ func TestBrokerErrorText(t *testing.T) {
 		{&BrokerError{Op: "health", Err: errors.New("dial tcp: connection refused")},
 			"broker health: dial tcp: connection refused"},
 		{&BrokerError{Op: "register"}, "broker register: no response"},
+		{&BrokerError{Op: "health", StatusCode: 308, Location: "https://new.example/v1/health", Body: `<a href="https://new.example/v1/health">Permanent Redirect</a>.`},
+			"broker health: 308 Permanent Redirect: redirected to https://new.example/v1/health, not followed: configure the broker's final URL as the endpoint (WithRegistrationEndpoint)"},
 	}
 	for _, tt := range tests {
 		if got := tt.err.Error(); got != tt.want {
@@ -480,6 +496,11 @@ func TestBrokerErrorText(t *testing.T) {
 	slog.New(slog.NewTextHandler(&buf, nil)).Info("broker refused", "err", tests[0].err)
 	if !strings.Contains(buf.String(), "err.status=400") || !strings.Contains(buf.String(), `err.op=register`) {
 		t.Errorf("log line %q does not carry the fields", buf.String())
+	}
+	buf.Reset()
+	slog.New(slog.NewTextHandler(&buf, nil)).Info("broker redirected", "err", tests[len(tests)-1].err)
+	if !strings.Contains(buf.String(), "err.location=https://new.example/v1/health") {
+		t.Errorf("log line %q does not carry the Location", buf.String())
 	}
 }
 

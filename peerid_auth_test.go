@@ -55,7 +55,13 @@ type handledCall struct {
 // newAuthTestServer starts a server on 127.0.0.1 whose auth layer accepts
 // only its own Host and answers authenticated requests with 200 "ok" (or
 // what app, once set, writes).
-func newAuthTestServer(t *testing.T) *authTestServer {
+func newAuthTestServer(t *testing.T) *authTestServer { return startAuthTestServer(t, false) }
+
+// newAuthTestServerTLS is [newAuthTestServer] over HTTPS; s.srv.Client()
+// trusts its certificate.
+func newAuthTestServerTLS(t *testing.T) *authTestServer { return startAuthTestServer(t, true) }
+
+func startAuthTestServer(t *testing.T, useTLS bool) *authTestServer {
 	t.Helper()
 	s := &authTestServer{t: t, key: genTestKey(t)}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -64,7 +70,11 @@ func newAuthTestServer(t *testing.T) *authTestServer {
 	}
 	s.host = l.Addr().String()
 	s.srv = &httptest.Server{Listener: l, Config: &http.Server{Handler: http.HandlerFunc(s.serve)}}
-	s.srv.Start()
+	if useTLS {
+		s.srv.StartTLS()
+	} else {
+		s.srv.Start()
+	}
 	t.Cleanup(s.srv.Close)
 	s.restart(nil, time.Hour)
 	return s
