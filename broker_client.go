@@ -14,6 +14,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -190,11 +191,13 @@ type brokerConfig struct {
 	// authentication (it is never sent). Required.
 	Key crypto.PrivKey
 	// HTTPClient sends the requests; nil means a client with a 90 s timeout
-	// per request. Each call is bounded by its context and by a deadline of
-	// its own (15 s for health, 75 s for register). The client is not
-	// modified: a copy is used, with a cookie jar (a fresh one if it has
+	// per request and a transport of its own (a clone of
+	// [http.DefaultTransport]). Each call is bounded by its context and by a
+	// deadline of its own (15 s for health, 75 s for register). The client is
+	// not modified: a copy is used, with a cookie jar (a fresh one if it has
 	// none), which never follows redirects and refuses to send anything
-	// outside Endpoint.
+	// outside Endpoint. [brokerClient.close] closes the idle connections of
+	// its transport.
 	HTTPClient *http.Client
 	// UserAgent is sent with every request; "" means
 	// "github.com/p2ptls/autotls@<module version>".
@@ -216,7 +219,7 @@ type brokerConfig struct {
 // refuses a request whose URL is not under the endpoint, so neither the
 // access token nor the PeerID-auth headers can reach another origin.
 //
-// A brokerClient is safe for concurrent use.
+// A brokerClient is safe for concurrent use. Once closed, it sends nothing.
 type brokerClient struct {
 	healthURL   string
 	registerURL string
@@ -224,7 +227,15 @@ type brokerClient struct {
 	userAgent   string
 	accessToken string
 	now         func() time.Time
+
+	mu       sync.Mutex
+	closed   bool           // set by close; no call starts after it
+	inFlight sync.WaitGroup // calls started and not yet returned; Add only under mu while !closed
 }
+
+// errClientClosed is wrapped by the error of a call made after
+// [brokerClient.close].
+var errClientClosed = errors.New("broker client closed")
 
 // errOffEndpoint is wrapped by the error of a request refused because its URL
 // is not under the broker endpoint.
@@ -248,6 +259,9 @@ func newBrokerClient(cfg brokerConfig) (*brokerClient, error) {
 		hc = *cfg.HTTPClient // newPeerIDAuth copies it again and refuses redirects
 	} else {
 		hc.Timeout = defaultHTTPTimeout
+		if tr, ok := http.DefaultTransport.(*http.Transport); ok {
+			hc.Transport = tr.Clone() // ours alone, so close can close its connections
+		}
 	}
 	hc.Transport = &endpointTransport{endpoint: endpoint, next: hc.Transport}
 	c := &brokerClient{
@@ -362,10 +376,41 @@ func (t *endpointTransport) transport() http.RoundTripper {
 	return t.next
 }
 
+// begin registers a call about to start, or returns an error wrapping
+// [errClientClosed] if the client is closed. A nil error must be matched by a
+// call to c.inFlight.Done.
+func (c *brokerClient) begin(op string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return fmt.Errorf("broker %s: %w", op, errClientClosed)
+	}
+	c.inFlight.Add(1)
+	return nil
+}
+
+// close makes every later call fail at once, waits for the calls in flight to
+// return, and then closes the idle connections of the client's transport, so
+// that no connection to the broker outlives it. A call returns when its
+// context ends (or at its own deadline, 15 s for health and 75 s for
+// register): cancel the contexts first. Calling close again does nothing
+// more.
+func (c *brokerClient) close() {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	c.inFlight.Wait()
+	c.auth.httpClient().CloseIdleConnections()
+}
+
 // health asks the broker whether it is up (GET <endpoint>/v1/health). It
 // returns nil iff the broker answers 204 No Content, and a *[BrokerError]
 // otherwise.
 func (c *brokerClient) health(ctx context.Context) error {
+	if err := c.begin("health"); err != nil {
+		return err
+	}
+	defer c.inFlight.Done()
 	ctx, cancel := context.WithTimeout(ctx, healthTimeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.healthURL, nil)
@@ -394,6 +439,10 @@ type registerRequest struct {
 // the broker answers 200 OK, and a *[BrokerError] if the call failed; an
 // empty address is refused before anything is sent.
 func (c *brokerClient) register(ctx context.Context, value string, addrs []ma.Multiaddr) error {
+	if err := c.begin("register"); err != nil {
+		return err
+	}
+	defer c.inFlight.Done()
 	body := registerRequest{Value: value, Addresses: make([]string, 0, len(addrs))}
 	for i, a := range addrs {
 		if len(a) == 0 {

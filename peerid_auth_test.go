@@ -38,6 +38,7 @@ type authTestServer struct {
 	before atomic.Pointer[func(w http.ResponseWriter, r *http.Request) bool] // runs before the auth layer, if set; true: it answered
 	app    atomic.Pointer[func(w http.ResponseWriter, r *http.Request)]      // answers authenticated requests, if set
 	hostOK atomic.Pointer[func(host string) bool]                            // overrides the Host check, if set
+	conns  connTracker                                                       // the server's connections
 
 	mu      sync.Mutex
 	dumps   [][]byte      // every request as received (headers and body)
@@ -69,7 +70,7 @@ func startAuthTestServer(t *testing.T, useTLS bool) *authTestServer {
 		t.Fatal(err)
 	}
 	s.host = l.Addr().String()
-	s.srv = &httptest.Server{Listener: l, Config: &http.Server{Handler: http.HandlerFunc(s.serve)}}
+	s.srv = &httptest.Server{Listener: l, Config: &http.Server{Handler: http.HandlerFunc(s.serve), ConnState: s.conns.hook}}
 	if useTLS {
 		s.srv.StartTLS()
 	} else {
