@@ -2,21 +2,29 @@ package autotls
 
 // Compatibility with storage written by earlier releases. testdata/store-v1
 // is a storage directory written by the release before the core was
-// rebuilt (TestGenerateStoreV1Fixture made it).
+// rebuilt (TestGenerateStoreV1Fixture made it); TestServeStoreV1 checks
+// that the current code serves its certificate without a single request.
 
 import (
 	"bytes"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"io/fs"
 	"log/slog"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/certmagic"
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -171,4 +179,148 @@ func walkFiles(t *testing.T, dir string, fn func(path string, b []byte)) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestServeStoreV1: a host given a copy of the store-v1 fixture, its
+// identity and the CA URL it was written with serves the stored
+// certificate at once, with not one request to the broker, the DNS server
+// or the CA. The CA URL's port is bound by this test when it is free, so
+// that a connection to the CA is seen rather than merely refused.
+//
+// The stored chain verifies against root.pem while Pebble's root and
+// intermediate are valid: 30 years from not_before in forge.json.
+func TestServeStoreV1(t *testing.T) {
+	var info storeV1Info
+	if err := json.Unmarshal(mustRead(t, storeV1Forge), &info); err != nil {
+		t.Fatalf("%s: %v", storeV1Forge, err)
+	}
+	key, err := crypto.UnmarshalPrivateKey(mustRead(t, storeV1Identity))
+	if err != nil {
+		t.Fatalf("%s: %v", storeV1Identity, err)
+	}
+	id, err := peer.IDFromPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id.String() != info.PeerID {
+		t.Fatalf("%s is the key of %s, %s says %s", storeV1Identity, id, storeV1Forge, info.PeerID)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(mustRead(t, storeV1Root)) {
+		t.Fatalf("%s: no certificate", storeV1Root)
+	}
+	stored := storedLeaf(t, info)
+
+	dir := filepath.Join(t.TempDir(), "store")
+	if err := os.CopyFS(dir, os.DirFS(storeV1Store)); err != nil {
+		t.Fatal(err)
+	}
+	st, err := storage.Dir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caConns := watchCA(t, info.CAURL)
+	// A new forge with the fixture's domain: its broker and DNS server
+	// count what the host asks of them. Its CA is not the host's.
+	f := testforge.New(t, testforge.Config{Domain: info.Domain})
+	var logs logCapture
+	// forgeOpts points the host at f; the WithCA after it replaces f's CA
+	// by the fixture's.
+	h := newHost(t, f, []libp2p.Option{libp2p.Identity(key)},
+		WithStorage(st), WithCA(info.CAURL, nil), WithLogger(logs.logger()))
+
+	ev := waitCert(t, h, 10*time.Second)
+	if ev.Source != FromStorage || len(ev.Names) != 1 || ev.Names[0] != info.CertName || !ev.NotAfter.Equal(stored.NotAfter) {
+		t.Fatalf("certificate event %+v, want %s until %v from %s", ev, info.CertName, stored.NotAfter, FromStorage)
+	}
+	addr := waitBrowserAddr(t, h, info.Domain, "/ip4/127.0.0.1/")
+	sni := "127-0-0-1." + testforge.PeerLabel(id) + "." + info.Domain
+	cs, err := tlsHandshake(tcpHostPort(t, addr), sni, roots)
+	if err != nil {
+		t.Fatalf("TLS handshake with SNI %s, verified against %s: %v", sni, storeV1Root, err)
+	}
+	if !cs.PeerCertificates[0].Equal(stored) {
+		t.Fatalf("served serial %v, not the stored certificate (serial %v)", cs.PeerCertificates[0].SerialNumber, stored.SerialNumber)
+	}
+	sub, err := h.EventBus().Subscribe(new(EvtIssuanceFailed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-sub.Out(): // stateful: a failure so far would be here
+		t.Errorf("issuance failed: %+v", e)
+	default:
+	}
+	_ = sub.Close()
+
+	// Once the host is closed, no request of its can be under way.
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if s := f.Stats(); s != (testforge.Stats{}) {
+		t.Errorf("forge stats %+v, want no request at all", s)
+	}
+	if n := caConns(); n != 0 {
+		t.Errorf("%d connections to the CA at %s, want none", n, info.CAURL)
+	}
+	for _, l := range logs.atLeast(slog.LevelWarn) {
+		t.Errorf("logged: %s", l.text)
+	}
+	if t.Failed() {
+		t.Logf("the host's log:\n%s", &logs)
+	}
+}
+
+// storedLeaf returns the leaf certificate of the fixture's store, checking
+// that it lies where storeV1Info says.
+func storedLeaf(t *testing.T, info storeV1Info) *x509.Certificate {
+	t.Helper()
+	fst := &certmagic.FileStorage{Path: storeV1Store}
+	b := mustRead(t, fst.Filename(certmagic.StorageKeys.SiteCert(info.IssuerKey, info.CertName)))
+	block, _ := pem.Decode(b)
+	if block == nil {
+		t.Fatalf("no PEM certificate stored for %s", info.CertName)
+	}
+	leaf, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return leaf
+}
+
+// watchCA listens on the host and port of caURL, if it can, and returns a
+// function that counts the connections accepted so far. A connection is
+// closed at once, failing the TLS handshake of whoever made it, so a
+// request has reached the count by the time its client has given up.
+// When the port is taken, watchCA logs so and the count stays zero; a
+// request to the CA then shows only as a warning in the host's log (the
+// ACME client logs each failed request at warn level).
+func watchCA(t *testing.T, caURL string) (conns func() int) {
+	t.Helper()
+	u, err := url.Parse(caURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", u.Host)
+	if err != nil {
+		t.Logf("not watching the CA address %s: %v", u.Host, err)
+		return func() int { return 0 }
+	}
+	var n atomic.Int64
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return // closed by the cleanup
+			}
+			n.Add(1)
+			_ = c.Close()
+		}
+	})
+	t.Cleanup(func() {
+		_ = ln.Close()
+		wg.Wait()
+	})
+	return func() int { return int(n.Load()) }
 }
