@@ -78,39 +78,12 @@ func dataHome(goos string, getenv func(string) string, userConfigDir func() (str
 }
 
 // Default returns the on-disk store in [DefaultDir], creating the directory
-// if needed. It is what autotls uses when no storage is given.
-func Default() (certmagic.Storage, error) {
+// if needed, configured by opts as [Dir] is. It is what autotls uses when no
+// storage is given.
+func Default(opts ...DirOption) (certmagic.Storage, error) {
 	dir, err := DefaultDir()
 	if err != nil {
 		return nil, err
 	}
-	return Dir(dir)
-}
-
-// Dir returns an on-disk store rooted at path, a [certmagic.FileStorage].
-//
-// A relative path is made absolute now, against the current working
-// directory, so that a later os.Chdir does not move the store. The directory
-// is created (with its missing parents) with permissions 0700 if it does not
-// exist. The store writes certificates, private keys and metadata as 0600
-// files in 0700 directories; its lock files, which hold only timestamps, are
-// created 0644 less the umask, inside the same 0700 tree.
-//
-// Dir does not change the permissions of a directory that already exists:
-// if path is readable by other users, so are the certificates and private
-// keys stored there. Give Dir a directory that only the host's user can
-// read (on Windows, permission bits are not enforced; rely on the directory's
-// ACL, which under %LocalAppData% is the user's own by default).
-func Dir(path string) (certmagic.Storage, error) {
-	if path == "" {
-		return nil, errors.New("storage: empty directory path")
-	}
-	abs, err := filepath.Abs(path)
-	if err != nil {
-		return nil, fmt.Errorf("storage: making %q absolute: %w", path, err)
-	}
-	if err := os.MkdirAll(abs, 0o700); err != nil {
-		return nil, fmt.Errorf("storage: creating directory: %w", err)
-	}
-	return &certmagic.FileStorage{Path: abs}, nil
+	return Dir(dir, opts...)
 }

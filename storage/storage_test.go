@@ -274,29 +274,40 @@ func TestContractLockCancel(t *testing.T) {
 	}
 }
 
-func TestMemoryUnlockNotHeld(t *testing.T) {
-	if err := Memory().Unlock(t.Context(), "never"); err == nil {
-		t.Error("Unlock of a lock never taken succeeded")
+func TestContractTryLock(t *testing.T) {
+	for name, s := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			tl, ok := s.(certmagic.TryLocker)
+			if !ok {
+				t.Fatal("the store does not implement certmagic.TryLocker")
+			}
+			ctx := t.Context()
+			if got, err := tl.TryLock(ctx, "x"); !got || err != nil {
+				t.Fatalf("first TryLock = %v, %v; want true, nil", got, err)
+			}
+			if got, err := tl.TryLock(ctx, "x"); got || err != nil {
+				t.Fatalf("second TryLock = %v, %v; want false, nil", got, err)
+			}
+			if err := s.Unlock(ctx, "x"); err != nil {
+				t.Fatalf("Unlock: %v", err)
+			}
+			if got, err := tl.TryLock(ctx, "x"); !got || err != nil {
+				t.Fatalf("TryLock after Unlock = %v, %v; want true, nil", got, err)
+			}
+			if err := s.Unlock(ctx, "x"); err != nil {
+				t.Fatalf("second Unlock: %v", err)
+			}
+		})
 	}
 }
 
-func TestMemoryTryLock(t *testing.T) {
-	s, ok := Memory().(certmagic.TryLocker)
-	if !ok {
-		t.Fatal("Memory does not implement certmagic.TryLocker")
-	}
-	ctx := t.Context()
-	if got, err := s.TryLock(ctx, "x"); !got || err != nil {
-		t.Fatalf("first TryLock = %v, %v; want true, nil", got, err)
-	}
-	if got, err := s.TryLock(ctx, "x"); got || err != nil {
-		t.Fatalf("second TryLock = %v, %v; want false, nil", got, err)
-	}
-	if err := s.Unlock(ctx, "x"); err != nil {
-		t.Fatalf("Unlock: %v", err)
-	}
-	if got, err := s.TryLock(ctx, "x"); !got || err != nil {
-		t.Fatalf("TryLock after Unlock = %v, %v; want true, nil", got, err)
+func TestContractUnlockNotHeld(t *testing.T) {
+	for name, s := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			if err := s.Unlock(t.Context(), "never"); err == nil {
+				t.Error("Unlock of a lock never taken succeeded")
+			}
+		})
 	}
 }
 
@@ -395,9 +406,9 @@ func TestDirRelativePath(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(base, "rel", "store", "a", "b")); err != nil {
 		t.Errorf("value not under the directory given at construction: %v", err)
 	}
-	fsStore, ok := s.(*certmagic.FileStorage)
-	if !ok || !filepath.IsAbs(fsStore.Path) {
-		t.Errorf("Dir returned %#v, want a FileStorage with an absolute path", s)
+	ds, ok := s.(*dirStore)
+	if !ok || !filepath.IsAbs(ds.Path) {
+		t.Errorf("Dir returned %#v, want a store with an absolute path", s)
 	}
 }
 
@@ -406,13 +417,17 @@ func TestDirErrors(t *testing.T) {
 	if err := os.WriteFile(file, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	tests := []struct{ name, path string }{
-		{"empty", ""},
-		{"below a file", filepath.Join(file, "store")},
+	tests := []struct {
+		name, path string
+		opts       []DirOption
+	}{
+		{"empty", "", nil},
+		{"below a file", filepath.Join(file, "store"), nil},
+		{"nil logger", t.TempDir(), []DirOption{WithLogger(nil)}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if s, err := Dir(tt.path); err == nil {
+			if s, err := Dir(tt.path, tt.opts...); err == nil {
 				t.Errorf("Dir(%q) = %v, want an error", tt.path, s)
 			}
 		})

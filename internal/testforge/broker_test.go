@@ -295,10 +295,7 @@ func portOf(a net.Addr) string {
 // Close aborts a dial-back stuck on an address that accepts but never
 // answers, rather than waiting for libp2p's timeouts.
 func TestCloseAbortsDialBack(t *testing.T) {
-	f, err := Start(Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f := New(t, Config{})
 	key, id := seededKey(t, 2)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

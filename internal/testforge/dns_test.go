@@ -219,10 +219,7 @@ func TestDNSFault(t *testing.T) {
 
 // A query held by a long Delay must not hold up Close.
 func TestDNSDelayDoesNotBlockClose(t *testing.T) {
-	f, err := Start(Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f := New(t, Config{})
 	f.SetDNSFault(func(dns.Question) DNSFault { return DNSFault{Delay: time.Hour} })
 	q := new(dns.Msg)
 	q.SetQuestion("libp2p.direct.", dns.TypeSOA)

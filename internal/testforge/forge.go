@@ -3,10 +3,11 @@
 // p2p-forge broker (PeerID auth, strict request checks, a real libp2p
 // dial-back), and an authoritative DNS server for the forge domain.
 //
-// It is the model of net/http/httptest applied to the forge: [Start] gives a
-// running forge with its URLs, roots and a resolver, [Forge.Close] stops all
-// of it. Tests, benchmarks and the offline example use it; it never talks to
-// anything but 127.0.0.1 and never resolves through the system resolver.
+// It is the model of net/http/httptest applied to the forge: [New] gives a
+// test a running forge with its URLs, roots and a resolver, and stops all of
+// it when the test ends; [Start] and [Forge.Close] do the same for programs
+// that are not tests (the offline example). It never talks to anything but
+// 127.0.0.1 and never resolves through the system resolver.
 //
 // It does not implement the public broker's denylist, its metrics, or the
 // static zone records (NS, CAA, MX, ...) of the production forge.
@@ -23,6 +24,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -69,8 +71,8 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// Forge is a running test forge. Its exported fields are set by [Start] and
-// must not be modified. Its methods are safe for concurrent use.
+// Forge is a running test forge. Its exported fields are set by [New] or
+// [Start] and must not be modified. Its methods are safe for concurrent use.
 type Forge struct {
 	// Domain is the normalized forge domain (lower case, no trailing dot).
 	Domain string
@@ -110,7 +112,7 @@ type Forge struct {
 	closeErr  error
 }
 
-// Stats counts the requests a [Forge] has received since [Start].
+// Stats counts the requests a [Forge] has received since it started.
 type Stats struct {
 	Health     int // requests to /v1/health
 	Challenge  int // requests to /v1/_acme-challenge, PeerID-auth legs included
@@ -132,8 +134,29 @@ type DNSFault struct {
 	HideTXT bool          // answer _acme-challenge TXT as if nothing were stored
 }
 
+// New starts a forge on 127.0.0.1 for a test or benchmark, like [Start],
+// and closes it when tb and all its subtests have finished, reporting an
+// error from [Forge.Close] with tb.Errorf. If the forge cannot start, New
+// fails tb with tb.Fatalf; like tb.Fatal, it must therefore be called from
+// the goroutine running the test (use [Start] from other goroutines).
+// Closing the forge earlier with [Forge.Close] is allowed.
+func New(tb testing.TB, cfg Config) *Forge {
+	tb.Helper()
+	f, err := Start(cfg)
+	if err != nil {
+		tb.Fatalf("%v", err) // Start's errors say "testforge: ..."
+	}
+	tb.Cleanup(func() {
+		if err := f.Close(); err != nil {
+			tb.Errorf("testforge: closing the forge: %v", err)
+		}
+	})
+	return f
+}
+
 // Start starts a forge on 127.0.0.1: the DNS server, Pebble and the broker.
-// Call [Forge.Close] when done.
+// Call [Forge.Close] when done. Tests use [New], which closes the forge
+// with the test.
 func Start(cfg Config) (*Forge, error) {
 	domain, err := normalizeDomain(cfg.Domain)
 	if err != nil {

@@ -133,6 +133,8 @@ func TestCAClientTrustsOnlyCARoots(t *testing.T) {
 
 // Pebble reads its settings from the environment at construction: Start
 // must restore it, and forges with different settings may start in parallel.
+// Start rather than New: the forges start on goroutines of their own, where
+// New could not fail the test.
 func TestPebbleEnvRestoredAndParallel(t *testing.T) {
 	const v = "PEBBLE_WFE_NONCEREJECT"
 	t.Setenv(v, "sentinel") // also makes the test non-parallel, as it must be
@@ -158,6 +160,35 @@ func TestPebbleEnvRestoredAndParallel(t *testing.T) {
 	}
 }
 
+// New closes the forge when the test that started it ends: nothing
+// answers on its addresses afterwards.
+func TestNewClosesWithTest(t *testing.T) {
+	var f *Forge
+	t.Run("forge", func(t *testing.T) {
+		f = New(t, Config{})
+		_, id := seededKey(t, 2)
+		if _, err := f.Resolver().LookupIPAddr(t.Context(), "127-0-0-1."+PeerLabel(id)+"."+f.Domain); err != nil {
+			t.Fatalf("the running forge's DNS: %v", err)
+		}
+	})
+	if t.Failed() {
+		return
+	}
+	for _, u := range []string{f.BrokerURL, f.CAURL} {
+		req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, u, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp, err := f.CAClient().Do(req); err == nil {
+			resp.Body.Close()
+			t.Errorf("%s answered %s after the test that started the forge ended", u, resp.Status)
+		}
+	}
+	if err := f.Close(); err != nil {
+		t.Errorf("Close after New's cleanup: %v", err)
+	}
+}
+
 func TestStartCloseNoLeak(t *testing.T) {
 	// Warm up: packages start lazy, process-wide goroutines on first use.
 	cycle(t)
@@ -170,14 +201,13 @@ func TestStartCloseNoLeak(t *testing.T) {
 }
 
 // cycle starts a forge, registers through the broker from a real host,
-// issues a certificate, and closes everything, timing Start and Close.
+// issues a certificate, and closes everything, timing the start and Close.
+// Close is called here, before the test's cleanup closes the forge again,
+// so that the leak check sees it closed.
 func cycle(t *testing.T) {
 	t.Helper()
 	start := time.Now()
-	f, err := Start(Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f := New(t, Config{})
 	started := time.Since(start)
 
 	key, id := seededKey(t, 2)
@@ -200,5 +230,5 @@ func cycle(t *testing.T) {
 	if err := f.Close(); err != nil {
 		t.Fatalf("second Close: %v", err)
 	}
-	t.Logf("Start %v, IssueDirect %v, Close %v", started, issued, time.Since(t0))
+	t.Logf("New %v, IssueDirect %v, Close %v", started, issued, time.Since(t0))
 }

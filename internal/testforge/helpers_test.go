@@ -16,22 +16,14 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 )
 
-// startForge starts a forge that logs to the test and closes with it.
+// startForge starts a forge that logs to the test (with -v) and closes
+// with it.
 func startForge(t testing.TB, cfg Config) *Forge {
 	t.Helper()
 	if cfg.Logger == nil && testing.Verbose() {
 		cfg.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo}))
 	}
-	f, err := Start(cfg)
-	if err != nil {
-		t.Fatalf("Start: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := f.Close(); err != nil {
-			t.Errorf("Close: %v", err)
-		}
-	})
-	return f
+	return New(t, cfg)
 }
 
 // seededKey returns the Ed25519 key whose seed is 32 bytes of b
