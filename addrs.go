@@ -117,7 +117,7 @@ func (m *manager) waitReachable(ctx context.Context) bool {
 			m.log.Info("waiting for a publicly reachable TCP address before requesting a certificate (AutoNAT); forward the TCP port or enable UPnP (libp2p.NATPortMap) if this lasts")
 			logged = true
 		}
-		c, stop := m.cfg.clock.NewTimer(backoff)
+		c, stop := m.clock.NewTimer(backoff)
 		select {
 		case <-ctx.Done():
 			stop()
@@ -211,7 +211,7 @@ func (m *manager) wrapAddrsFactory(user func([]ma.Multiaddr) []ma.Multiaddr) fun
 func (m *manager) rewriteAddrs(in []ma.Multiaddr) []ma.Multiaddr {
 	forge := m.cfg.forgeDomain
 	cur := m.cert.Load()
-	valid := cur != nil && m.cfg.clock.Now().Before(cur.leaf.NotAfter)
+	valid := cur != nil && m.clock.Now().Before(cur.leaf.NotAfter)
 	out := make([]ma.Multiaddr, 0, len(in))
 	for _, a := range in {
 		if !isForgeListenAddr(a, forge) {
@@ -234,64 +234,4 @@ func (m *manager) rewriteAddrs(in []ma.Multiaddr) []ma.Multiaddr {
 		out = append(out, fa)
 	}
 	return out
-}
-
-// planListeners decides, once the host's own listeners are open, which WSS
-// addresses to listen on: those the user listed, else one on every TCP
-// listener's IP and port (the TCP listener is shared, so one forwarded port
-// serves both).
-func (m *manager) planListeners() {
-	m.listenMu.Lock()
-	defer m.listenMu.Unlock()
-	if len(m.userWSS) > 0 {
-		m.wssAddrs = slices.Clone(m.userWSS)
-		return
-	}
-	m.wssAddrs = nil
-	for _, a := range m.sw.ListenAddresses() {
-		if w, ok := wssListenAddr(a, m.cfg.forgeDomain); ok {
-			m.wssAddrs = append(m.wssAddrs, w)
-		}
-	}
-}
-
-// openListeners starts the WSS listeners. Opening them is what makes the
-// host recompute and push its addresses at once (identify push), rather
-// than on its next periodic tick.
-func (m *manager) openListeners() {
-	m.listenMu.Lock()
-	defer m.listenMu.Unlock()
-	if m.listening {
-		// Already open: a renewal. Nudge the address manager anyway in case a
-		// lapse and return happened between its ticks.
-		return
-	}
-	m.listening = true
-	if len(m.wssAddrs) == 0 {
-		m.log.Warn("no TCP listener to share with a WSS listener; browsers cannot dial this host (listen on TCP or add a /tls/sni/*." + m.cfg.forgeDomain + "/ws listen address)")
-		return
-	}
-	for _, a := range m.wssAddrs {
-		if err := m.sw.Listen(a); err != nil {
-			m.log.Warn("could not open a WSS listener", "addr", a, "err", err)
-		}
-	}
-}
-
-// closeListeners stops the WSS listeners; the host's other listeners are
-// untouched.
-func (m *manager) closeListeners() {
-	m.listenMu.Lock()
-	defer m.listenMu.Unlock()
-	if !m.listening {
-		return
-	}
-	m.listening = false
-	var open []ma.Multiaddr
-	for _, a := range m.sw.ListenAddresses() {
-		if isForgeListenAddr(a, m.cfg.forgeDomain) {
-			open = append(open, a)
-		}
-	}
-	m.sw.ListenClose(open...)
 }

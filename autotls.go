@@ -30,7 +30,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"strings"
 	"sync"
 
 	"github.com/libp2p/go-libp2p"
@@ -151,18 +150,3 @@ func (m *manager) tlsConfig() *tls.Config {
 }
 
 var errNoCertificate = errors.New("autotls: no certificate loaded yet")
-
-// getCertificate returns the certificate for a ClientHello naming
-// <label>.<peerid>.<forge>, the only names the wildcard covers.
-func (m *manager) getCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-	c := m.cert.Load()
-	if c == nil {
-		return nil, errNoCertificate
-	}
-	sni := strings.ToLower(strings.TrimSuffix(hello.ServerName, "."))
-	label, ok := strings.CutSuffix(sni, "."+m.domain)
-	if !ok || label == "" || strings.Contains(label, ".") {
-		return nil, fmt.Errorf("autotls: no certificate for server name %q", hello.ServerName)
-	}
-	return c.tls, nil
-}

@@ -40,13 +40,7 @@ func forgeOpts(f *testforge.Forge, extra ...Opt) []Opt {
 		WithCA(f.CAURL, f.CARoots),
 		WithAllowPrivateAddrs(),
 		WithResolver(f.Resolver()),
-		withPollInterval(10 * time.Millisecond),
 	}, extra...)
-}
-
-// Test-only knobs, not public API.
-func withPollInterval(d time.Duration) Opt {
-	return func(c *config) error { c.acmePollInterval = d; return nil }
 }
 
 // newHost builds a loopback-only host with autotls pointed at f.

@@ -93,39 +93,48 @@ func nextCert(b *testing.B, sub <-chan any, timeout time.Duration) time.Time {
 var phaseNames = []string{
 	"host",     // libp2p.New: build and start the host
 	"health",   // the run loop's gates and the broker health check, after New returned
-	"prep",     // certmagic: storage check, lock, key, CSR
+	"prep",     // lock, storage check, key, CSR
 	"account",  // ACME account registration (fresh identity, fresh storage)
 	"order",    // new order and its authorization
 	"register", // PeerID auth and registration: the broker dials back
 	"txt",      // until the TXT record is visible
 	"validate", // challenge initiated, authorization polled until valid
 	"finalize", // finalize, order polled until valid, chain downloaded
-	"store",    // certmagic stores it; the manager loads and serves it
+	"store",    // the manager checks, stores and serves it
 }
 
-// issuanceTrace records when one host's issuance reaches each point. It
-// is written by the manager's run goroutine and read once the certificate
-// event has been received.
+// issuanceTrace records one host's issuance from the outside: the CA
+// requests of its issuer's client and the requests of its broker client.
+// The phase boundaries are read off those requests (Pebble's paths name
+// each ACME step), so that production code carries no trace hook.
 type issuanceTrace struct {
 	start, built, health time.Time
-	points               [traceIssued + 1]time.Time
 	loaded               time.Time
 
-	mu sync.Mutex
-	ca []caRequest
+	mu     sync.Mutex
+	ca     []caRequest
+	broker []caRequest
 }
 
-// caRequest is one request to the CA as the issuer's client saw it.
+// caRequest is one HTTP request as a client of the host saw it.
 type caRequest struct {
 	url        string
 	start, end time.Time
 	retryAfter string
 }
 
-func (t *issuanceTrace) at(p tracePoint) {
-	if t.points[p].IsZero() {
-		t.points[p] = time.Now()
+// first returns the start of the first request whose URL contains part,
+// and the end of the last one.
+func firstLast(reqs []caRequest, part string) (first, last time.Time) {
+	for _, r := range reqs {
+		if strings.Contains(r.url, part) {
+			if first.IsZero() {
+				first = r.start
+			}
+			last = r.end
+		}
 	}
+	return first, last
 }
 
 // marks returns the phase boundaries, a missing point taking the time of
@@ -134,9 +143,18 @@ func (t *issuanceTrace) at(p tracePoint) {
 // is never earlier than the one before it (that phase then reads zero and
 // its time counts in the one before).
 func (t *issuanceTrace) marks() []time.Time {
-	m := []time.Time{t.start, t.built, t.health}
-	m = append(m, t.points[:]...)
-	m = append(m, t.loaded)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var issue time.Time
+	if len(t.ca) > 0 {
+		issue = t.ca[0].start
+	}
+	account, _ := firstLast(t.ca, "/order-plz")
+	registerStart, registerEnd := firstLast(t.broker, "/_acme-challenge")
+	validate, _ := firstLast(t.ca, "/chalZ/")
+	finalize, _ := firstLast(t.ca, "/finalize-order/")
+	_, issued := firstLast(t.ca, "/certZ/")
+	m := []time.Time{t.start, t.built, t.health, issue, account, registerStart, registerEnd, validate, finalize, issued, t.loaded}
 	for i := len(m) - 2; i >= 0; i-- {
 		if m[i].IsZero() {
 			m[i] = m[i+1]
@@ -160,20 +178,19 @@ func (t *issuanceTrace) phases() []float64 {
 	return out
 }
 
-// install hooks t into m's issuer and solver, and records the issuer's CA
-// requests. It runs on the manager's run goroutine (from the first broker
-// health check, which comes before any issuance), so that the hooks are
-// written by the goroutine that reads them.
+// install records the issuer's CA requests into t. It runs on the
+// manager's run goroutine (from the first broker health check, which comes
+// before any issuance), so that the transport is replaced by the goroutine
+// that uses it.
 func (t *issuanceTrace) install(m *manager) {
-	m.issuer.trace = t.at
-	m.issuer.solver.(*dns01Solver).trace = t.at
 	hc := m.issuer.client.HTTPClient
-	hc.Transport = &caRecorder{next: hc.Transport, t: t}
+	hc.Transport = &caRecorder{next: hc.Transport, t: t, into: &t.ca}
 }
 
 type caRecorder struct {
 	next http.RoundTripper
 	t    *issuanceTrace
+	into *[]caRequest
 }
 
 func (r *caRecorder) CloseIdleConnections() {
@@ -188,7 +205,7 @@ func (r *caRecorder) RoundTrip(req *http.Request) (*http.Response, error) {
 		rec.retryAfter = resp.Header.Get("Retry-After")
 	}
 	r.t.mu.Lock()
-	r.t.ca = append(r.t.ca, rec)
+	*r.into = append(*r.into, rec)
 	r.t.mu.Unlock()
 	return resp, err
 }
@@ -220,12 +237,13 @@ func (t *issuanceTrace) retryAfterSlack() []time.Duration {
 // when that check ended. The caller closes tr's idle connections.
 func tracedHTTPClient(m **manager, t *issuanceTrace, tr *http.Transport) *http.Client {
 	var once sync.Once
+	broker := &caRecorder{next: tr, t: t, into: &t.broker}
 	return &http.Client{Timeout: time.Minute, Transport: roundTripFunc(func(req *http.Request) (*http.Response, error) {
 		health := strings.HasSuffix(req.URL.Path, healthPath)
 		if health {
 			once.Do(func() { t.install(*m) })
 		}
-		resp, err := tr.RoundTrip(req)
+		resp, err := broker.RoundTrip(req)
 		if health && t.health.IsZero() {
 			t.health = time.Now()
 		}

@@ -6,7 +6,8 @@ import "time"
 type CertSource string
 
 const (
-	// FromStorage: a valid certificate found in storage at start.
+	// FromStorage: a valid certificate read from storage, at start or
+	// stored there by another process sharing the storage.
 	FromStorage CertSource = "storage"
 	// Obtained: a certificate issued for the first time.
 	Obtained CertSource = "obtained"
@@ -23,20 +24,27 @@ type EvtCertificateLoaded struct {
 	Names []string
 	// NotBefore and NotAfter bound the certificate's validity.
 	NotBefore, NotAfter time.Time
-	// Source says where it came from.
+	// Source says where it came from: [FromStorage] for a certificate
+	// read from storage (at start, or stored by another process sharing
+	// the storage), [Obtained] or [Renewed] for one this host was issued.
 	Source CertSource
 }
 
 // EvtCertificateExpired is emitted when the served certificate expires
 // without a replacement. The WSS listeners close and their addresses are
-// withdrawn until a new certificate is loaded.
+// withdrawn until a new certificate is loaded. It is a plain event: a late
+// subscriber reads the lapse from the stateful [EvtCertificateLoaded],
+// whose NotAfter has passed.
 type EvtCertificateExpired struct {
 	Names    []string
 	NotAfter time.Time
 }
 
 // EvtIssuanceFailed is emitted when an attempt to obtain or renew the
-// certificate fails. The certificate in use, if any, stays in use.
+// certificate fails (the broker's health check before the first attempt
+// included). The certificate in use, if any, stays in use. It is a plain
+// event, not state: a subscriber learns of failures from the moment it
+// subscribes, and a failure is over once [EvtCertificateLoaded] follows.
 type EvtIssuanceFailed struct {
 	// Err is the cause; a *[BrokerError] when the broker refused.
 	Err error

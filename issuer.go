@@ -2,17 +2,10 @@ package autotls
 
 import (
 	"context"
-	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -26,146 +19,69 @@ import (
 	"github.com/mholt/acmez/v3/acme"
 )
 
-// acmeIssuer is the certmagic.Issuer that runs the ACME order with our
-// DNS-01 solver. It is ours rather than certmagic's ACMEIssuer so that
-// every wait is the CA's own (no process-wide throttle shared between hosts,
-// polling that honours Retry-After) and so that ARI's "replaces" is only
-// sent for a certificate that is still valid. It drives the order itself
-// with acmez's low-level client, for the same reason: acmez's own flow
-// sleeps a fixed interval before every poll.
-type acmeIssuer struct {
+// issuer runs ACME orders for one name over acmez's low-level client, the
+// way autocert runs its own: every wait is the CA's (polls that honour
+// Retry-After, measured on the manager's clock), nothing retries behind
+// the run loop's back (a retried validation spends the CA's failed
+// validation budget), ARI's "replaces" is only sent for a certificate
+// that is still valid, and an order can be taken up after a crash.
+type issuer struct {
 	client  *acme.Client
-	solver  acmez.Solver
-	storage certmagic.Storage
+	solver  *dns01Solver
+	store   *pairStore
 	email   string
 	profile string
-	key     string
-	name    string // the certificate's name, for the pending order
 	log     *slog.Logger
-	// current returns the leaf being served, if any; it is named in the
-	// order's "replaces" field while it is unexpired (ARI, RFC 9773).
-	current func() *x509.Certificate
-	now     func() time.Time
-	// pollFirst is the wait before the first poll of an authorization or
-	// an order.
-	pollFirst time.Duration
-	// retryAfter holds the CA's last Retry-After.
-	retryAfter *retryAfterTransport
+	clock   clock
+	ra      *retryAfterTransport
 
-	// trace, if set, is told when issuance reaches each [tracePoint]. It
-	// is nil in production; the benchmarks set it for their phase
-	// breakdown.
-	trace func(tracePoint)
-
-	mu      sync.Mutex
-	account *acme.Account
-
-	keyMu   sync.Mutex
-	lastKey crypto.Signer // the certificate key GenerateKey last gave
+	account *acme.Account // cached; used by the run goroutine only
 }
 
 // Polling of authorizations and orders. A CA often validates a DNS-01
 // challenge or issues a certificate within milliseconds of being asked
-// (Pebble on loopback: under 1 ms); acmez's fixed 250 ms before every poll
-// made most of the time to a certificate. The first poll comes after
-// pollFirst, then the interval triples up to pollMax. Against a CA that
-// takes a second or more (Let's Encrypt, validating from several vantage
-// points), that is about as many polls as acmez's fixed interval (6 in the
-// first second against 4, 8 in the first three against 12, then one a
-// second against four), the extra ones being tiny POST-as-GETs in the
-// first 15 ms. A Retry-After from the CA replaces the interval exactly:
-// the next poll is sent when it says, no sooner and no later.
+// (Pebble on loopback: under 1 ms). The first poll comes after pollFirst,
+// then the interval triples up to pollMax: against a CA that takes a
+// second or more, about as many polls as a fixed 250 ms interval, the
+// extra ones tiny POST-as-GETs in the first 15 ms. A Retry-After from the
+// CA replaces the interval exactly.
 const (
-	defaultPollFirst = time.Millisecond
-	pollGrowth       = 3
-	pollMax          = time.Second
-	// pollTimeout bounds the polling of one authorization or order, as
-	// acmez's default does.
-	pollTimeout = 5 * time.Minute
+	pollFirst   = time.Millisecond
+	pollGrowth  = 3
+	pollMax     = time.Second
+	pollTimeout = 5 * time.Minute // per authorization or order, as acmez's default
 )
 
-// tracePoint is a step of one issuance, for the benchmarks' phase
-// breakdown. The steps are reported in this order.
-type tracePoint uint8
-
-const (
-	traceIssue      tracePoint = iota // certmagic called Issue
-	traceAccount                      // the ACME account is ready (loaded or registered)
-	tracePresenting                   // the order exists; the solver starts presenting
-	tracePresented                    // the broker accepted the challenge
-	traceVisible                      // the TXT record is visible through the resolver
-	traceValid                        // the CA validated every authorization
-	traceIssued                       // the certificate chain is downloaded
-)
-
-// at calls the trace hook, if any.
-func (i *acmeIssuer) at(p tracePoint) {
-	if i.trace != nil {
-		i.trace(p)
-	}
-}
-
-var (
-	_ certmagic.Issuer            = (*acmeIssuer)(nil)
-	_ certmagic.RenewalInfoGetter = (*acmeIssuer)(nil)
-	_ certmagic.KeyGenerator      = (*acmeIssuer)(nil)
-)
-
-type issuerConfig struct {
-	caURL     string
-	roots     *x509.CertPool
-	userAgent string
-	email     string
-	profile   string
-	// pollInterval is the wait before the first poll; 0 means
-	// defaultPollFirst.
-	pollInterval time.Duration
-	storage      certmagic.Storage
-	name         string
-	solver       acmez.Solver
-	log          *slog.Logger
-	current      func() *x509.Certificate
-	now          func() time.Time
-}
-
-func newACMEIssuer(c issuerConfig) *acmeIssuer {
+func newIssuer(caURL string, roots *x509.CertPool, userAgent, email, profile string, solver *dns01Solver, store *pairStore, clk clock, log *slog.Logger) *issuer {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.TLSClientConfig = &tls.Config{RootCAs: c.roots, MinVersion: tls.VersionTLS12}
+	tr.TLSClientConfig = &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
 	tr.Proxy = nil
-	ra := &retryAfterTransport{next: tr}
-	pollFirst := c.pollInterval
-	if pollFirst <= 0 {
-		pollFirst = defaultPollFirst
-	}
-	return &acmeIssuer{
+	ra := &retryAfterTransport{next: tr, clock: clk}
+	return &issuer{
 		client: &acme.Client{
-			Directory:  c.caURL,
+			Directory:  caURL,
 			HTTPClient: &http.Client{Transport: ra, Timeout: 60 * time.Second},
-			UserAgent:  c.userAgent,
+			UserAgent:  userAgent,
 			// The issuer polls; FinalizeOrder must not. A negative
-			// timeout makes it return at once with the order as the
-			// CA left it (still processing, perhaps) instead of polling
-			// with a fixed interval. Were that ever ignored, the
-			// interval would be pollMax, which is polite.
+			// timeout makes it return at once with the order as the CA
+			// left it (processing, perhaps).
 			PollTimeout:  -1,
 			PollInterval: pollMax,
-			Logger:       c.log,
+			// acmez says its retries of a CA's 5xx and badNonce at warning
+			// level; the run loop says what an operator needs, once.
+			Logger: debugLogger(log),
 		},
-		solver:     c.solver,
-		storage:    c.storage,
-		email:      c.email,
-		profile:    c.profile,
-		key:        issuerKey(c.caURL),
-		name:       c.name,
-		log:        c.log,
-		current:    c.current,
-		now:        c.now,
-		pollFirst:  pollFirst,
-		retryAfter: ra,
+		solver:  solver,
+		store:   store,
+		email:   email,
+		profile: profile,
+		log:     log,
+		clock:   clk,
+		ra:      ra,
 	}
 }
 
-// issuerKey names the CA in storage paths, like certmagic's ACME issuer
+// issuerKey names the CA in storage paths, as certmagic's ACME issuer
 // does: the directory URL's host and path.
 func issuerKey(caURL string) string {
 	u, err := url.Parse(caURL)
@@ -175,38 +91,120 @@ func issuerKey(caURL string) string {
 	return certmagic.StorageKeys.Safe(strings.ReplaceAll(u.Host+u.Path, "/", "-"))
 }
 
-// IssuerKey implements certmagic.Issuer.
-func (i *acmeIssuer) IssuerKey() string { return i.key }
-
-// Issue implements certmagic.Issuer: one ACME order for the CSR's names.
-func (i *acmeIssuer) Issue(ctx context.Context, csr *x509.CertificateRequest) (*certmagic.IssuedCertificate, error) {
-	i.at(traceIssue)
+// obtain runs one ACME order for csr and returns the issued chain. po
+// holds the certificate key; if it names an order for that key, the order
+// is taken up where the CA has it. Just before the CSR is sent, po is
+// stored with the order's URL: from then on a certificate may exist that
+// only this key can use. replaces, if not nil, is named in the order (ARI).
+// Every error from the CA's side is a *caError.
+func (i *issuer) obtain(ctx context.Context, csr *x509.CertificateRequest, po *pendingOrder, replaces *x509.Certificate) (acme.Certificate, error) {
 	for attempt := 0; ; attempt++ {
 		account, err := i.getAccount(ctx)
-		if err != nil {
-			return nil, err
-		}
-		i.at(traceAccount)
-		chains, err := i.order(ctx, account, csr)
-		var prob acme.Problem
-		if err != nil && attempt == 0 && errors.As(err, &prob) && prob.Type == acme.ProblemTypeAccountDoesNotExist {
-			// The CA forgot the account (reset, or a private CA restarted):
-			// make a new one and try once more.
-			i.log.Info("ACME account unknown to the CA; creating a new one", "ca", i.client.Directory)
-			if err := i.forgetAccount(ctx); err != nil {
-				return nil, err
+		if err == nil {
+			var chain acme.Certificate
+			chain, err = i.order(ctx, account, csr, po, replaces)
+			if err == nil {
+				return chain, nil
 			}
-			continue
 		}
-		if err != nil {
-			return nil, fmt.Errorf("ACME order at %s: %w", i.client.Directory, err)
+		var prob acme.Problem
+		if attempt == 0 && errors.As(err, &prob) && prob.Type == acme.ProblemTypeAccountDoesNotExist {
+			// The CA forgot the account (reset, or a private CA
+			// restarted): make a new one and try once more.
+			i.log.Info("ACME account unknown to the CA; creating a new one", "ca", i.client.Directory)
+			if err = i.forgetAccount(ctx); err == nil {
+				continue
+			}
 		}
-		if len(chains) == 0 {
-			return nil, fmt.Errorf("ACME order at %s: the CA returned no certificate", i.client.Directory)
+		ce := &caError{ca: i.client.Directory, err: err}
+		if at, ok := i.ra.latest(); ok {
+			ce.retryAt = at
 		}
-		i.at(traceIssued)
-		return &certmagic.IssuedCertificate{Certificate: chains[0].ChainPEM, Metadata: chains[0]}, nil
+		return acme.Certificate{}, ce
 	}
+}
+
+// order runs one ACME order (RFC 8555 §7.1): it creates the order, or
+// takes up the pending one, solves its authorizations, finalizes it and
+// downloads the chain.
+func (i *issuer) order(ctx context.Context, account acme.Account, csr *x509.CertificateRequest, po *pendingOrder, replaces *x509.Certificate) (acme.Certificate, error) {
+	params, err := acmez.OrderParametersFromCSR(account, csr)
+	if err != nil {
+		return acme.Certificate{}, fmt.Errorf("preparing the order: %w", err)
+	}
+	order, resumed := i.resumeOrder(ctx, account, po.Order, params.Identifiers)
+	if !resumed {
+		if order, err = i.newOrder(ctx, account, params.Identifiers, replaces); err != nil {
+			return acme.Certificate{}, err
+		}
+	}
+	switch order.Status {
+	case acme.StatusValid:
+	case acme.StatusProcessing:
+		if order, err = i.pollOrder(ctx, account, order); err != nil {
+			return acme.Certificate{}, err
+		}
+	default: // pending, or ready if every authorization is valid already
+		if err := i.authorize(ctx, account, order); err != nil {
+			return acme.Certificate{}, err
+		}
+		if po.Order != order.Location {
+			po.Order = order.Location
+			if err := i.store.storePending(ctx, *po); err != nil {
+				// Issuance does not depend on it; only a crash before the
+				// certificate is stored would then cost a new one.
+				i.log.Debug("storing the pending order", "err", err)
+			}
+		}
+		if order, err = i.finalize(ctx, account, order, csr.Raw); err != nil {
+			return acme.Certificate{}, err
+		}
+	}
+	chains, err := i.client.GetCertificateChain(ctx, account, order.Certificate)
+	if err != nil {
+		return acme.Certificate{}, fmt.Errorf("downloading the certificate %s: %w", order.Certificate, err)
+	}
+	if len(chains) == 0 {
+		return acme.Certificate{}, errors.New("the CA returned no certificate")
+	}
+	return chains[0], nil
+}
+
+// resumeOrder returns the order at loc as the CA has it now, if it can
+// still give a certificate for ids (pending, ready, processing or valid).
+func (i *issuer) resumeOrder(ctx context.Context, account acme.Account, loc string, ids []acme.Identifier) (acme.Order, bool) {
+	if loc == "" {
+		return acme.Order{}, false
+	}
+	order, err := i.client.GetOrder(ctx, account, acme.Order{Location: loc})
+	if err != nil {
+		i.log.Debug("the pending order cannot be read; ordering anew", "order", loc, "err", err)
+		return acme.Order{}, false
+	}
+	if !sameIdentifiers(order.Identifiers, ids) {
+		return acme.Order{}, false
+	}
+	switch order.Status {
+	case acme.StatusPending, acme.StatusReady, acme.StatusProcessing, acme.StatusValid:
+		i.log.Info("taking up the pending order", "order", loc, "status", order.Status)
+		return order, true
+	}
+	i.log.Debug("the pending order is over; ordering anew", "order", loc, "status", order.Status)
+	return acme.Order{}, false
+}
+
+func sameIdentifiers(a, b []acme.Identifier) bool {
+	key := func(id acme.Identifier) string { return id.Type + ":" + id.Value }
+	ka, kb := make([]string, len(a)), make([]string, len(b))
+	for n, id := range a {
+		ka[n] = key(id)
+	}
+	for n, id := range b {
+		kb[n] = key(id)
+	}
+	slices.Sort(ka)
+	slices.Sort(kb)
+	return slices.Equal(ka, kb)
 }
 
 // refusedReplaces tells whether err, from creating an order that names the
@@ -227,51 +225,13 @@ func refusedReplaces(err error) bool {
 	return true
 }
 
-// order runs one ACME order for csr's names (RFC 8555 §7.1): it creates the
-// order, or takes up the pending one, solves its authorizations, finalizes
-// it and downloads the chains.
-func (i *acmeIssuer) order(ctx context.Context, account acme.Account, csr *x509.CertificateRequest) ([]acme.Certificate, error) {
-	params, err := acmez.OrderParametersFromCSR(account, csr)
-	if err != nil {
-		return nil, fmt.Errorf("preparing the order: %w", err)
-	}
-	order, resumed := i.resumeOrder(ctx, account, csr, params.Identifiers)
-	if !resumed {
-		if order, err = i.newOrder(ctx, account, params.Identifiers); err != nil {
-			return nil, err
-		}
-	}
-
-	switch order.Status {
-	case acme.StatusValid:
-	case acme.StatusProcessing:
-		if order, err = i.pollOrder(ctx, account, order); err != nil {
-			return nil, err
-		}
-	default: // pending, or ready if every authorization is valid already
-		if err := i.authorize(ctx, account, order); err != nil {
-			return nil, err
-		}
-		i.at(traceValid)
-		i.rememberOrder(ctx, csr, order.Location)
-		if order, err = i.finalize(ctx, account, order, csr.Raw); err != nil {
-			return nil, err
-		}
-	}
-	chains, err := i.client.GetCertificateChain(ctx, account, order.Certificate)
-	if err != nil {
-		return nil, fmt.Errorf("downloading the certificate %s: %w", order.Certificate, err)
-	}
-	return chains, nil
-}
-
-// newOrder creates an order for ids. While the certificate in use is
-// unexpired the order names it in "replaces" (ARI).
-func (i *acmeIssuer) newOrder(ctx context.Context, account acme.Account, ids []acme.Identifier) (acme.Order, error) {
+// newOrder creates an order for ids, naming replaces, if it is still
+// valid, in "replaces" (ARI).
+func (i *issuer) newOrder(ctx context.Context, account acme.Account, ids []acme.Identifier, replaces *x509.Certificate) (acme.Order, error) {
 	order := acme.Order{Identifiers: ids, Profile: i.profile}
-	if cur := i.current(); cur != nil && i.now().Before(cur.NotAfter) {
+	if replaces != nil && i.clock.Now().Before(replaces.NotAfter) {
 		var err error
-		if order.Replaces, err = acme.ARIUniqueIdentifier(cur); err != nil {
+		if order.Replaces, err = acme.ARIUniqueIdentifier(replaces); err != nil {
 			return acme.Order{}, fmt.Errorf("naming the certificate replaced: %w", err)
 		}
 	}
@@ -280,8 +240,7 @@ func (i *acmeIssuer) newOrder(ctx context.Context, account acme.Account, ids []a
 		// "replaces" only earns the renewal ARI's treatment; it must never
 		// stand between the host and its renewal. An earlier order may have
 		// named the certificate already (alreadyReplaced), or the CA may not
-		// find the certificate (Pebble answers 500 for some serials): order
-		// again without it.
+		// find the certificate (Pebble answers 500 for some serials).
 		i.log.Debug("the CA refused the order naming the certificate it replaces; ordering without", "err", err)
 		order.Replaces = ""
 		created, err = i.client.NewOrder(ctx, account, order)
@@ -298,7 +257,7 @@ func (i *acmeIssuer) newOrder(ctx context.Context, account acme.Account, ids []a
 // valid. If it fails, the authorizations still pending are deactivated, so
 // that they do not count against the CA's limit on pending authorizations;
 // valid ones are kept for the CA to reuse.
-func (i *acmeIssuer) authorize(ctx context.Context, account acme.Account, order acme.Order) (err error) {
+func (i *issuer) authorize(ctx context.Context, account acme.Account, order acme.Order) (err error) {
 	type pending struct {
 		authz acme.Authorization
 		chal  acme.Challenge
@@ -341,10 +300,8 @@ func (i *acmeIssuer) authorize(ctx context.Context, account acme.Account, order 
 		}
 	}
 	for k, p := range todo {
-		if w, ok := i.solver.(acmez.Waiter); ok {
-			if err := w.Wait(ctx, p.chal); err != nil {
-				return fmt.Errorf("waiting for the challenge for %s: %w", p.authz.IdentifierValue(), err)
-			}
+		if err := i.solver.Wait(ctx, p.chal); err != nil {
+			return fmt.Errorf("waiting for the challenge for %s: %w", p.authz.IdentifierValue(), err)
 		}
 		chal, err := i.client.InitiateChallenge(ctx, account, p.chal)
 		if err != nil {
@@ -354,7 +311,7 @@ func (i *acmeIssuer) authorize(ctx context.Context, account acme.Account, order 
 		// of its authorization. (The transport keeps one: with several
 		// authorizations, only the last one's would be kept. Our orders
 		// have one.)
-		i.retryAfter.move(p.chal.URL, p.authz.Location)
+		i.ra.move(p.chal.URL, p.authz.Location)
 		if chal.Status == acme.StatusValid {
 			todo[k].authz.Status = acme.StatusValid
 		}
@@ -372,7 +329,7 @@ func (i *acmeIssuer) authorize(ctx context.Context, account acme.Account, order 
 }
 
 // pollAuthorization polls authz until the CA has decided.
-func (i *acmeIssuer) pollAuthorization(ctx context.Context, account acme.Account, authz acme.Authorization) (acme.Authorization, error) {
+func (i *issuer) pollAuthorization(ctx context.Context, account acme.Account, authz acme.Authorization) (acme.Authorization, error) {
 	err := i.poll(ctx, authz.Location, func() (bool, error) {
 		a, err := i.client.GetAuthorization(ctx, account, authz.Location)
 		if err != nil {
@@ -405,7 +362,7 @@ func (i *acmeIssuer) pollAuthorization(ctx context.Context, account acme.Account
 
 // finalize sends the CSR and polls the order until the certificate is
 // issued.
-func (i *acmeIssuer) finalize(ctx context.Context, account acme.Account, order acme.Order, csrDER []byte) (acme.Order, error) {
+func (i *issuer) finalize(ctx context.Context, account acme.Account, order acme.Order, csrDER []byte) (acme.Order, error) {
 	// With PollTimeout < 0, FinalizeOrder returns as soon as the CA has
 	// answered: done, failed, or still processing ("order took too long").
 	finalized, err := i.client.FinalizeOrder(ctx, account, order, csrDER)
@@ -418,12 +375,12 @@ func (i *acmeIssuer) finalize(ctx context.Context, account acme.Account, order a
 		return finalized, fmt.Errorf("finalizing the order %s: the order is %s", order.Location, finalized.Status)
 	}
 	// The finalize response's Retry-After, if any, is for the first poll.
-	i.retryAfter.move(order.Finalize, finalized.Location)
+	i.ra.move(order.Finalize, finalized.Location)
 	return i.pollOrder(ctx, account, finalized)
 }
 
 // pollOrder polls a processing order until the certificate is issued.
-func (i *acmeIssuer) pollOrder(ctx context.Context, account acme.Account, order acme.Order) (acme.Order, error) {
+func (i *issuer) pollOrder(ctx context.Context, account acme.Account, order acme.Order) (acme.Order, error) {
 	err := i.poll(ctx, order.Location, func() (bool, error) {
 		o, err := i.client.GetOrder(ctx, account, order)
 		if err != nil {
@@ -451,26 +408,19 @@ func (i *acmeIssuer) pollOrder(ctx context.Context, account acme.Account, order 
 // the time named by the Retry-After of the CA's last response for loc, if
 // it sent one, or else pollFirst, growing by pollGrowth to pollMax. It gives
 // up after pollTimeout.
-func (i *acmeIssuer) poll(ctx context.Context, loc string, check func() (done bool, err error)) error {
-	ctx, cancel := context.WithTimeout(ctx, pollTimeout)
-	defer cancel()
-	interval := i.pollFirst
+func (i *issuer) poll(ctx context.Context, loc string, check func() (done bool, err error)) error {
+	deadline := i.clock.Now().Add(pollTimeout)
+	interval := pollFirst
 	for {
 		wait := interval
-		if at, ok := i.retryAfter.take(loc); ok {
-			wait = time.Until(at)
+		if at, ok := i.ra.take(loc); ok {
+			wait = at.Sub(i.clock.Now())
 		}
-		if wait > 0 {
-			t := time.NewTimer(wait)
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-					return fmt.Errorf("%s still not done after %v", loc, pollTimeout)
-				}
-				return ctx.Err()
-			case <-t.C:
-			}
+		if i.clock.Now().Add(wait).After(deadline) {
+			return fmt.Errorf("%s still not done after %v", loc, pollTimeout)
+		}
+		if err := sleep(ctx, i.clock, wait); err != nil {
+			return err
 		}
 		done, err := check()
 		if done || err != nil {
@@ -481,11 +431,12 @@ func (i *acmeIssuer) poll(ctx context.Context, loc string, check func() (done bo
 }
 
 // retryAfterTransport is the CA client's transport. It keeps the
-// Retry-After of the latest response, and the URL it came from, since
-// acme.Client does not return headers from GetAuthorization, GetOrder or
-// FinalizeOrder. The issuer sends one request at a time.
+// Retry-After of the latest response, as an instant on the manager's
+// clock, and the URL it came from, since acme.Client does not return
+// headers from GetAuthorization, GetOrder or FinalizeOrder.
 type retryAfterTransport struct {
-	next http.RoundTripper
+	next  http.RoundTripper
+	clock clock
 
 	mu  sync.Mutex
 	url string
@@ -497,7 +448,7 @@ func (t *retryAfterTransport) RoundTrip(req *http.Request) (*http.Response, erro
 	resp, err := t.next.RoundTrip(req)
 	var at time.Time
 	if resp != nil {
-		now := time.Now()
+		now := t.clock.Now()
 		if d, ok := parseRetryAfter(resp.Header.Get("Retry-After"), now); ok {
 			at = now.Add(d)
 		}
@@ -514,6 +465,13 @@ func (t *retryAfterTransport) CloseIdleConnections() {
 	if c, ok := t.next.(interface{ CloseIdleConnections() }); ok {
 		c.CloseIdleConnections()
 	}
+}
+
+// latest returns the time named by the latest response's Retry-After.
+func (t *retryAfterTransport) latest() (time.Time, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.at, !t.at.IsZero()
 }
 
 // take returns the time named by the latest response's Retry-After if that
@@ -547,106 +505,4 @@ func normalURL(loc string) string {
 		return u.String()
 	}
 	return loc
-}
-
-// GetRenewalInfo implements certmagic.RenewalInfoGetter (ARI).
-func (i *acmeIssuer) GetRenewalInfo(ctx context.Context, cert certmagic.Certificate) (acme.RenewalInfo, error) {
-	return i.client.GetRenewalInfo(ctx, cert.Leaf)
-}
-
-// storedAccount is the ACME account as kept in storage.
-type storedAccount struct {
-	Location      string   `json:"location"`
-	Contact       []string `json:"contact,omitempty"`
-	PrivateKeyPEM string   `json:"private_key_pem"`
-}
-
-func (i *acmeIssuer) accountKey() string {
-	name := "default"
-	if i.email != "" {
-		name = certmagic.StorageKeys.Safe(i.email)
-	}
-	return "autotls/acme/" + i.key + "/accounts/" + name + ".json"
-}
-
-// getAccount loads the ACME account from storage, or registers one with
-// the CA and stores it.
-func (i *acmeIssuer) getAccount(ctx context.Context) (acme.Account, error) {
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	if i.account != nil {
-		return *i.account, nil
-	}
-	raw, err := i.storage.Load(ctx, i.accountKey())
-	switch {
-	case err == nil:
-		acct, perr := parseStoredAccount(raw)
-		if perr == nil {
-			i.account = &acct
-			return acct, nil
-		}
-		i.log.Warn("stored ACME account unusable; registering a new one", "key", i.accountKey(), "err", perr)
-	case !errors.Is(err, fs.ErrNotExist):
-		return acme.Account{}, fmt.Errorf("loading the ACME account from storage: %w", err)
-	}
-
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return acme.Account{}, fmt.Errorf("generating the ACME account key: %w", err)
-	}
-	acct := acme.Account{TermsOfServiceAgreed: true, PrivateKey: key}
-	if i.email != "" {
-		acct.Contact = []string{"mailto:" + i.email}
-	}
-	acct, err = i.client.NewAccount(ctx, acct)
-	if err != nil {
-		return acme.Account{}, fmt.Errorf("registering an ACME account at %s: %w", i.client.Directory, err)
-	}
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return acme.Account{}, fmt.Errorf("encoding the ACME account key: %w", err)
-	}
-	blob, err := json.Marshal(storedAccount{
-		Location:      acct.Location,
-		Contact:       acct.Contact,
-		PrivateKeyPEM: string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})),
-	})
-	if err != nil {
-		return acme.Account{}, fmt.Errorf("encoding the ACME account: %w", err)
-	}
-	if err := i.storage.Store(ctx, i.accountKey(), blob); err != nil {
-		return acme.Account{}, fmt.Errorf("storing the ACME account: %w", err)
-	}
-	i.account = &acct
-	return acct, nil
-}
-
-func parseStoredAccount(raw []byte) (acme.Account, error) {
-	var sa storedAccount
-	if err := json.Unmarshal(raw, &sa); err != nil {
-		return acme.Account{}, fmt.Errorf("decoding: %w", err)
-	}
-	block, _ := pem.Decode([]byte(sa.PrivateKeyPEM))
-	if block == nil || sa.Location == "" {
-		return acme.Account{}, errors.New("no key or location")
-	}
-	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
-	if err != nil {
-		return acme.Account{}, fmt.Errorf("parsing the key: %w", err)
-	}
-	signer, ok := k.(crypto.Signer)
-	if !ok {
-		return acme.Account{}, errors.New("key cannot sign")
-	}
-	return acme.Account{Status: acme.StatusValid, Location: sa.Location, Contact: sa.Contact, TermsOfServiceAgreed: true, PrivateKey: signer}, nil
-}
-
-func (i *acmeIssuer) forgetAccount(ctx context.Context) error {
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	i.account = nil
-	if err := i.storage.Delete(ctx, i.accountKey()); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("deleting the stale ACME account: %w", err)
-	}
-	return nil
 }

@@ -47,11 +47,10 @@ type config struct {
 	logger               *slog.Logger
 	httpClient           *http.Client
 
-	// Knobs for this package's tests; not public API.
-	clock            clock
-	profile          string
-	acmePollInterval time.Duration
-	onManager        func(*manager)
+	// For this package's tests; not public API.
+	clock     clock
+	profile   string
+	onManager func(*manager)
 }
 
 // WithForgeDomain sets the forge domain under which the certificate is
@@ -248,7 +247,7 @@ func newConfig(opts []Opt) (*config, error) {
 		c.logger = slog.Default().With("subsystem", "autotls")
 	}
 	if c.storage == nil {
-		s, err := storage.Default()
+		s, err := storage.Default(storage.WithLogger(c.logger))
 		if err != nil {
 			return nil, fmt.Errorf("opening the default certificate storage: %w", err)
 		}

@@ -1,10 +1,10 @@
 package autotls
 
 import (
+	"crypto"
 	"testing"
 	"time"
 
-	"github.com/caddyserver/certmagic"
 	"github.com/p2ptls/autotls/internal/testforge"
 	"github.com/p2ptls/autotls/storage"
 )
@@ -25,11 +25,11 @@ func TestPendingOrderOfCertificateInUse(t *testing.T) {
 	served := r.waitLoaded(t)
 
 	ctx := t.Context()
-	keyPEM, err := st.Load(ctx, certmagic.StorageKeys.SitePrivateKey(r.m.issuer.IssuerKey(), r.m.name))
+	keyPEM, err := st.Load(ctx, r.m.store.keyKey())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := r.m.issuer.storePending(ctx, pendingOrder{KeyPEM: string(keyPEM)}); err != nil {
+	if err := r.m.store.storePending(ctx, pendingOrder{KeyPEM: string(keyPEM)}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -38,8 +38,13 @@ func TestPendingOrderOfCertificateInUse(t *testing.T) {
 	if samePublicKey(renewed.leaf.PublicKey, served.leaf.PublicKey) {
 		t.Error("the renewal took up the key of the certificate in use")
 	}
-	if st.Exists(ctx, r.m.issuer.pendingKey()) {
+	if st.Exists(ctx, r.m.store.pendingKey()) {
 		t.Error("the pending order outlived the renewal")
 	}
 	r.closeAndCheck(t, leaks)
+}
+
+func samePublicKey(a, b crypto.PublicKey) bool {
+	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && k.Equal(b)
 }

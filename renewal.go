@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"math/rand/v2"
-	"sync"
 	"time"
 
 	"github.com/mholt/acmez/v3/acme"
@@ -16,11 +15,13 @@ import (
 // moment inside it and asks again after the Retry-After the CA gives. A CA
 // that plans to revoke a certificate moves the window forward, and renewals
 // that name the replaced certificate are exempt from Let's Encrypt's rate
-// limits. Without ARI, renewal is due with a third of the lifetime left.
+// limits. Without ARI, renewal is due with a third of the lifetime left
+// (half, for lifetimes under ten days).
 const (
-	// The first ARI request for a loaded certificate is spread over this
-	// span rather than made at once, so that a restart costs no CA request
-	// and a fleet restarting together does not poll together.
+	// The first ARI request for a loaded certificate comes between half
+	// this span and all of it, rather than at once, so that a restart
+	// costs no CA request and a fleet restarting together does not poll
+	// together.
 	ariFirstPollMax = 30 * time.Minute
 	ariDefaultPoll  = 6 * time.Hour
 	ariMinPoll      = time.Minute
@@ -28,32 +29,32 @@ const (
 	ariErrorPoll    = time.Hour
 )
 
-// ariState is what the CA said about the certificate in use.
+// ariState is what the CA said about the certificate in use. The run
+// goroutine owns it.
 type ariState struct {
-	mu          sync.Mutex
 	leaf        *x509.Certificate // the certificate this state is about
 	nextPoll    time.Time         // when to ask the CA again
 	pick        time.Time         // chosen renewal time in the CA's window; zero: none yet
 	unsupported bool              // the CA has no ARI
-	firstPoll   time.Duration     // bound of the first poll's delay; 0 means ariFirstPollMax
 }
 
-// nextStep returns when the next renewal action is due for leaf, and
-// whether that action is an ARI poll (true) or the renewal itself.
-func (m *manager) nextStep(leaf *x509.Certificate) (time.Time, bool) {
-	ratio := m.renewAt(leaf)
-	s := &m.ari
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.leaf == nil || !s.leaf.Equal(leaf) {
-		first := s.firstPoll
-		if first == 0 {
-			first = ariFirstPollMax
-		}
-		s.leaf, s.pick, s.unsupported = leaf, time.Time{}, false
-		s.nextPoll = m.cfg.clock.Now().Add(rand.N(first))
+// renewAt is when leaf is due for renewal without ARI.
+func renewAt(leaf *x509.Certificate) time.Time {
+	life := leaf.NotAfter.Sub(leaf.NotBefore)
+	left := life / 3
+	if life < 10*24*time.Hour {
+		left = life / 2
 	}
-	renew := ratio
+	return leaf.NotAfter.Add(-left)
+}
+
+// next returns when the next renewal step is due for leaf at now, and
+// whether that step is an ARI poll (true) or the renewal itself.
+func (s *ariState) next(leaf *x509.Certificate, now time.Time, firstPoll time.Duration) (time.Time, bool) {
+	if s.leaf == nil || !s.leaf.Equal(leaf) {
+		*s = ariState{leaf: leaf, nextPoll: now.Add(firstPoll/2 + rand.N(firstPoll/2+1))}
+	}
+	renew := renewAt(leaf)
 	if !s.pick.IsZero() {
 		renew = s.pick
 	}
@@ -63,17 +64,11 @@ func (m *manager) nextStep(leaf *x509.Certificate) (time.Time, bool) {
 	return renew, false
 }
 
-// pollARI asks the CA for leaf's renewal window and picks the renewal
-// time in it.
-func (m *manager) pollARI(ctx context.Context, leaf *x509.Certificate) {
+// pollARI asks the CA for leaf's renewal window and picks the renewal time
+// in it.
+func (m *manager) pollARI(ctx context.Context, s *ariState, leaf *x509.Certificate) {
 	ri, err := m.issuer.client.GetRenewalInfo(ctx, leaf)
-	now := m.cfg.clock.Now()
-	s := &m.ari
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.leaf == nil || !s.leaf.Equal(leaf) {
-		return // a new certificate was loaded meanwhile
-	}
+	now := m.clock.Now()
 	switch {
 	case errors.Is(err, acme.ErrUnsupported):
 		s.unsupported = true
@@ -94,18 +89,21 @@ func (m *manager) pollARI(ctx context.Context, leaf *x509.Certificate) {
 	if span := end.Sub(start); span > 0 {
 		pick = start.Add(rand.N(span))
 	}
-	if pick.Before(now) {
-		pick = now
-	}
-	if !pick.Equal(s.pick) && pick.Before(m.renewAt(leaf)) && pick.Sub(now) < 24*time.Hour {
+	pick = maxTime(pick, now)
+	if !pick.Equal(s.pick) && pick.Before(renewAt(leaf)) && pick.Sub(now) < 24*time.Hour {
 		m.log.Info("the CA asks for an early renewal (ARI)", "window_start", start.Format(time.RFC3339), "explanation", ri.ExplanationURL)
 	}
 	s.pick = pick
 	next := ariDefaultPoll
-	if ri.RetryAfter != nil {
-		// acmez turns the header into a wall-clock instant; the delay it
-		// names is measured on the wall clock, whatever m's clock says.
-		next = time.Until(*ri.RetryAfter)
+	if at, ok := m.issuer.ra.latest(); ok {
+		next = at.Sub(now) // the response's Retry-After, on the manager's clock
 	}
 	s.nextPoll = now.Add(min(max(next, ariMinPoll), ariMaxPoll))
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }

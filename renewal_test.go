@@ -14,7 +14,7 @@ import (
 func TestARIEarlyRenewal(t *testing.T) {
 	f := startForge(t, testforge.Config{})
 	h := newHost(t, f, nil, WithStorage(storage.Memory()), withManager(func(m *manager) {
-		m.ari.firstPoll = time.Second // production: up to 30 minutes
+		m.ariFirstPoll = time.Second // production: up to 30 minutes
 	}))
 	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
 	if err != nil {

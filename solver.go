@@ -2,7 +2,6 @@ package autotls
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"slices"
@@ -18,10 +17,15 @@ import (
 // so a recursive resolver can lag by that much; three minutes is the ceiling
 // before the attempt is abandoned without asking the CA to validate (an
 // authorization that fails validation counts against the CA's limits).
+// During the first minute the record is seen within txtFastBackoff of its
+// appearing; a query that gets no answer costs at most txtQueryTimeout.
 const (
 	txtWaitTimeout  = 3 * time.Minute
 	txtFirstBackoff = 10 * time.Millisecond
+	txtFastBackoff  = 250 * time.Millisecond
+	txtFastSpan     = time.Minute
 	txtMaxBackoff   = 2 * time.Second
+	txtQueryTimeout = time.Second
 )
 
 // dns01Solver fulfils the DNS-01 challenge through the forge's broker.
@@ -30,16 +34,9 @@ type dns01Solver struct {
 	resolver *net.Resolver
 	// addrs returns the addresses to send to the broker for its dial-back.
 	addrs func() ([]ma.Multiaddr, error)
+	clock clock
 	// waitTimeout bounds Wait; zero means txtWaitTimeout.
 	waitTimeout time.Duration
-	// trace is the issuer's trace hook; nil in production.
-	trace func(tracePoint)
-}
-
-func (s *dns01Solver) at(p tracePoint) {
-	if s.trace != nil {
-		s.trace(p)
-	}
 }
 
 var (
@@ -51,7 +48,6 @@ var (
 // TXT record _acme-challenge.<peerid>.<forge>. The broker dials the host
 // back on the addresses sent before it accepts.
 func (s *dns01Solver) Present(ctx context.Context, chal acme.Challenge) error {
-	s.at(tracePresenting)
 	addrs, err := s.addrs()
 	if err != nil {
 		return err
@@ -59,7 +55,6 @@ func (s *dns01Solver) Present(ctx context.Context, chal acme.Challenge) error {
 	if err := s.broker.register(ctx, chal.DNS01KeyAuthorization(), addrs); err != nil {
 		return fmt.Errorf("registering the DNS-01 challenge with the broker: %w", err)
 	}
-	s.at(tracePresented)
 	return nil
 }
 
@@ -71,18 +66,17 @@ func (s *dns01Solver) Wait(ctx context.Context, chal acme.Challenge) error {
 	if timeout == 0 {
 		timeout = txtWaitTimeout
 	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-
+	start := s.clock.Now()
 	// A trailing dot keeps the name from being tried with search domains.
 	name := strings.TrimSuffix(chal.DNS01TXTRecordName(), ".") + "."
 	want := chal.DNS01KeyAuthorization()
 	backoff := txtFirstBackoff
 	var lastErr error
 	for {
-		txts, err := s.resolver.LookupTXT(ctx, name)
+		qctx, cancel := context.WithTimeout(ctx, txtQueryTimeout)
+		txts, err := s.resolver.LookupTXT(qctx, name)
+		cancel()
 		if err == nil && slices.Contains(txts, want) {
-			s.at(traceVisible)
 			return nil
 		}
 		if err != nil {
@@ -90,17 +84,21 @@ func (s *dns01Solver) Wait(ctx context.Context, chal acme.Challenge) error {
 		} else {
 			lastErr = fmt.Errorf("found %d other TXT value(s)", len(txts))
 		}
-		t := time.NewTimer(backoff)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return &txtNotVisibleError{name: name, timeout: timeout, last: lastErr}
-			}
+		if ctx.Err() != nil {
 			return ctx.Err()
-		case <-t.C:
 		}
-		backoff = min(backoff*2, txtMaxBackoff)
+		elapsed := s.clock.Now().Sub(start)
+		if elapsed+backoff > timeout {
+			return &txtNotVisibleError{name: name, timeout: timeout, last: lastErr}
+		}
+		if err := sleep(ctx, s.clock, backoff); err != nil {
+			return err
+		}
+		ceiling := txtMaxBackoff
+		if elapsed < txtFastSpan {
+			ceiling = txtFastBackoff
+		}
+		backoff = min(backoff*2, ceiling)
 	}
 }
 

@@ -1,0 +1,111 @@
+package autotls
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+
+	"github.com/caddyserver/certmagic"
+	"github.com/mholt/acmez/v3/acme"
+)
+
+// storedAccount is the ACME account as kept in storage.
+type storedAccount struct {
+	Location      string   `json:"location"`
+	Contact       []string `json:"contact,omitempty"`
+	PrivateKeyPEM string   `json:"private_key_pem"`
+}
+
+func (i *issuer) accountKey() string {
+	name := "default"
+	if i.email != "" {
+		name = certmagic.StorageKeys.Safe(i.email)
+	}
+	return "autotls/acme/" + i.store.issuerKey + "/accounts/" + name + ".json"
+}
+
+// getAccount loads the ACME account from storage, or registers one with
+// the CA and stores it.
+func (i *issuer) getAccount(ctx context.Context) (acme.Account, error) {
+	if i.account != nil {
+		return *i.account, nil
+	}
+	raw, err := i.store.s.Load(ctx, i.accountKey())
+	switch {
+	case err == nil:
+		acct, perr := parseStoredAccount(raw)
+		if perr == nil {
+			i.account = &acct
+			return acct, nil
+		}
+		i.log.Warn("stored ACME account unusable; registering a new one", "key", i.accountKey(), "err", perr)
+	case !errors.Is(err, fs.ErrNotExist):
+		return acme.Account{}, &storageError{"reading the ACME account", err}
+	}
+
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return acme.Account{}, fmt.Errorf("generating the ACME account key: %w", err)
+	}
+	acct := acme.Account{TermsOfServiceAgreed: true, PrivateKey: key}
+	if i.email != "" {
+		acct.Contact = []string{"mailto:" + i.email}
+	}
+	acct, err = i.client.NewAccount(ctx, acct)
+	if err != nil {
+		return acme.Account{}, fmt.Errorf("registering an ACME account at %s: %w", i.client.Directory, err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return acme.Account{}, fmt.Errorf("encoding the ACME account key: %w", err)
+	}
+	blob, err := json.Marshal(storedAccount{
+		Location:      acct.Location,
+		Contact:       acct.Contact,
+		PrivateKeyPEM: string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})),
+	})
+	if err != nil {
+		return acme.Account{}, fmt.Errorf("encoding the ACME account: %w", err)
+	}
+	if err := i.store.s.Store(ctx, i.accountKey(), blob); err != nil {
+		return acme.Account{}, &storageError{"storing the ACME account", err}
+	}
+	i.account = &acct
+	return acct, nil
+}
+
+func parseStoredAccount(raw []byte) (acme.Account, error) {
+	var sa storedAccount
+	if err := json.Unmarshal(raw, &sa); err != nil {
+		return acme.Account{}, fmt.Errorf("decoding: %w", err)
+	}
+	block, _ := pem.Decode([]byte(sa.PrivateKeyPEM))
+	if block == nil || sa.Location == "" {
+		return acme.Account{}, errors.New("no key or location")
+	}
+	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	if err != nil {
+		return acme.Account{}, fmt.Errorf("parsing the key: %w", err)
+	}
+	signer, ok := k.(crypto.Signer)
+	if !ok {
+		return acme.Account{}, errors.New("key cannot sign")
+	}
+	return acme.Account{Status: acme.StatusValid, Location: sa.Location, Contact: sa.Contact, TermsOfServiceAgreed: true, PrivateKey: signer}, nil
+}
+
+func (i *issuer) forgetAccount(ctx context.Context) error {
+	i.account = nil
+	if err := i.store.s.Delete(ctx, i.accountKey()); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return &storageError{"deleting the stale ACME account", err}
+	}
+	return nil
+}

@@ -1,0 +1,356 @@
+package autotls
+
+// Fault tests of the CA and of DNS: a TXT record that never shows, a CA
+// that refuses "replaces", badNonce, failed validations, rate limits and
+// Retry-After on polls.
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mholt/acmez/v3/acme"
+	"github.com/miekg/dns"
+	"github.com/p2ptls/autotls/internal/testforge"
+	"github.com/p2ptls/autotls/storage"
+)
+
+// TestFaultTXTNeverVisible: the broker accepts the challenge but its DNS
+// never shows it. The TXT check gives up after its bound (shortened here
+// from 3 min), the CA is never asked to validate (no POST to a challenge:
+// an authorization that fails validation counts against the CA's limits),
+// the attempt is retried with backoff, and succeeds once DNS answers.
+func TestFaultTXTNeverVisible(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	ca := startCAProxy(t, f)
+	leaks := leakCheck(t)
+	var hide atomic.Bool
+	hide.Store(true)
+	f.SetDNSFault(func(q dns.Question) testforge.DNSFault {
+		return testforge.DNSFault{HideTXT: hide.Load()}
+	})
+	defer f.SetDNSFault(nil)
+
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(5 * time.Minute))
+	r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
+	r.closers = append(r.closers, ca.Close)
+	clk.WaitParked(t, 30*time.Second)
+
+	waits := r.retries()
+	checkBackoff(t, waits)
+	reqs := ca.Requests()
+	// The clock parks inside an attempt's TXT check (three minutes each)
+	// or in the wait after one.
+	if n := count(reqs, http.MethodPost, "/order-plz"); n != len(waits) && n != len(waits)+1 {
+		t.Errorf("%d orders for %d failed attempts", n, len(waits))
+	}
+	if n := count(reqs, http.MethodPost, "/chalZ/"); n != 0 {
+		t.Fatalf("the CA was asked %d times to validate a TXT record that is not visible", n)
+	}
+	w := warnings(r)
+	if len(w) != 1 {
+		t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
+	}
+	t.Logf("the operator reads: %s", w[0].text)
+	if !strings.Contains(w[0].text, "not visible") {
+		t.Errorf("the warning does not say the TXT record is not visible")
+	}
+	pingOverTCP(t, f, r.h)
+
+	hide.Store(false)
+	clk.SetHorizon(clk.Now().Add(retryCap))
+	r.waitLoaded(t)
+	if n := count(ca.Requests(), http.MethodPost, "/chalZ/"); n != 1 {
+		t.Errorf("%d validation requests for the successful attempt, want 1", n)
+	}
+	r.closeAndCheck(t, leaks)
+}
+
+// TestFaultCARefusesReplaces: at renewal the order names the certificate it
+// replaces (ARI). A CA that cannot find that certificate (Pebble answers 500
+// for some serials; Let's Encrypt says alreadyReplaced when an earlier order
+// named it) must not keep the host from renewing: the same attempt orders
+// again without "replaces", and the renewal goes through with no warning.
+func TestFaultCARefusesReplaces(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	ca := startCAProxy(t, f)
+	leaks := leakCheck(t)
+	ca.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodPost || r.URL.Path != "/order-plz" {
+			return false
+		}
+		body, _ := io.ReadAll(r.Body)
+		r.Body = io.NopCloser(bytes.NewReader(body)) // for the CA, if proxied
+		if orderReplaces(t, body) == "" {
+			return false
+		}
+		problem(w, http.StatusInternalServerError, acme.ProblemTypeNamespace+"serverInternal",
+			"could not find an order for the given certificate: could not find order resulting in the given certificate serial number", "")
+		return true
+	})
+	r := startProxiedRig(t, f, ca)
+	served := r.waitLoaded(t)
+
+	r.kick(t) // renewal due
+	renewed := r.waitRenewed(t, served)
+	if samePublicKey(renewed.leaf.PublicKey, served.leaf.PublicKey) {
+		t.Error("the renewed certificate has the old one's key")
+	}
+	var with, without int
+	for _, req := range ca.Requests() {
+		if req.Method != http.MethodPost || req.Path != "/order-plz" {
+			continue
+		}
+		if orderReplaces(t, req.Body) != "" {
+			with++
+		} else {
+			without++
+		}
+	}
+	// One order at issuance; at renewal the refused one (the ACME client
+	// itself tries a 500 up to three times), then one without "replaces".
+	if with == 0 || without != 2 {
+		t.Errorf("orders naming the replaced certificate: %d, without: %d; want some, and 2", with, without)
+	}
+	if w := warnings(r); len(w) != 0 {
+		t.Errorf("%d warnings, want none:\n%s", len(w), r.logs)
+	}
+	r.closeAndCheck(t, leaks)
+}
+
+// orderReplaces returns the "replaces" field of a new-order request's JWS
+// body.
+func orderReplaces(t *testing.T, raw []byte) string {
+	t.Helper()
+	var jws struct {
+		Payload string `json:"payload"`
+	}
+	if err := json.Unmarshal(raw, &jws); err != nil {
+		t.Errorf("a new-order request is not a JWS: %v", err)
+		return ""
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(jws.Payload)
+	if err != nil {
+		t.Errorf("a new-order payload is not base64url: %v", err)
+		return ""
+	}
+	var order struct {
+		Replaces string `json:"replaces"`
+	}
+	if err := json.Unmarshal(payload, &order); err != nil {
+		t.Errorf("a new-order payload is not JSON: %v", err)
+	}
+	return order.Replaces
+}
+
+// TestFaultCA drives the CA into its failures: Pebble rejecting half the
+// nonces (badNonce), an authorization that fails validation (the CA sees
+// another TXT value than the host did), rate limiting (429 rateLimited, or
+// the 503 of an overall request limit, with Retry-After as seconds and as
+// an HTTP-date; Pebble has no rate limits, so the proxy answers for it),
+// and Retry-After on authorization and order polls (Pebble's own).
+func TestFaultCA(t *testing.T) {
+	t.Run("badNonce at 50%", func(t *testing.T) {
+		f := startForge(t, testforge.Config{NonceRejectPercent: 50})
+		ca := startCAProxy(t, f)
+		leaks := leakCheck(t)
+		// One issuance sends about ten signed requests: all of them get
+		// through one time in a thousand, so issue again until one nonce
+		// was refused.
+		for i := 0; ; i++ {
+			clk := newClockAtNow()
+			clk.SetHorizon(clk.Now().Add(time.Hour))
+			before := len(ca.Requests())
+			r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
+			r.waitLoaded(t)
+			reqs := ca.Requests()[before:]
+			bad := 0
+			for _, q := range reqs {
+				if q.Status == http.StatusBadRequest {
+					bad++
+				}
+			}
+			t.Logf("issued through %d CA requests, %d of them refused for their nonce (retried by the ACME client); %d attempts failed for the manager", len(reqs), bad, len(warnings(r)))
+			r.close(t)
+			if bad > 0 {
+				break
+			}
+			if i == 2 {
+				t.Fatal("Pebble rejected no nonce in three issuances: the fault did not happen")
+			}
+		}
+		ca.Close()
+		leaks()
+	})
+
+	t.Run("invalid authorization", func(t *testing.T) {
+		f := startForge(t, testforge.Config{})
+		ca := startCAProxy(t, f)
+		leaks := leakCheck(t)
+		// The host sees its TXT record; once it asks the CA to validate,
+		// the CA is shown "not set yet" — for the first attempt only.
+		var hide atomic.Bool
+		var validations atomic.Int32
+		f.SetDNSFault(func(q dns.Question) testforge.DNSFault { return testforge.DNSFault{HideTXT: hide.Load()} })
+		defer f.SetDNSFault(nil)
+		ca.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+			switch {
+			case r.Method == http.MethodPost && strings.HasPrefix(r.URL.Path, "/chalZ/"):
+				hide.Store(validations.Add(1) == 1)
+			case r.Method == http.MethodPost && r.URL.Path == "/order-plz":
+				hide.Store(false)
+			}
+			return false
+		})
+		clk := newClockAtNow()
+		clk.SetHorizon(clk.Now().Add(time.Hour))
+		r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
+		r.closers = append(r.closers, ca.Close)
+		r.waitLoaded(t)
+
+		ev := r.fails.last(t)
+		var prob acme.Problem
+		if !errors.As(ev.Err, &prob) {
+			t.Fatalf("failure %v carries no ACME problem", ev.Err)
+		}
+		if validations.Load() != 2 {
+			t.Errorf("%d validations, want 2 (one failed, one passed)", validations.Load())
+		}
+		// Let's Encrypt allows 5 failed validations per identifier per
+		// account per hour (one more every 12 minutes).
+		if w := r.retries(); len(w) == 0 || w[0] < validationFloor {
+			t.Errorf("retried %v after a failed validation; want ≥ %v to stay within the CA's 5 failures per hour", w, validationFloor)
+		}
+		w := warnings(r)
+		if len(w) != 1 {
+			t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
+		}
+		t.Logf("the operator reads: %s", w[0].text)
+		r.closeAndCheck(t, leaks)
+	})
+
+	f := startForge(t, testforge.Config{})
+	for _, tc := range []struct {
+		name   string
+		status int
+		typ    string
+		form   string
+	}{
+		{"rate limited, seconds", http.StatusTooManyRequests, acme.ProblemTypeRateLimited, "seconds"},
+		{"rate limited, date", http.StatusTooManyRequests, acme.ProblemTypeRateLimited, "date"},
+		{"overall limit 503, seconds", http.StatusServiceUnavailable, acme.ProblemTypeNamespace + "serverInternal", "seconds"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ca := startCAProxy(t, f)
+			leaks := leakCheck(t)
+			const after = 3 * time.Hour
+			clk := newClockAtNow()
+			clk.SetHorizon(clk.Now().Add(24 * time.Hour))
+			type order struct {
+				fake, real time.Time // when it arrived, on both clocks
+				deadline   time.Time // real time its Retry-After named, if refused
+			}
+			var mu sync.Mutex
+			var orders []order
+			ca.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+				if r.Method != http.MethodPost || r.URL.Path != "/order-plz" {
+					return false
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				o := order{fake: clk.Now(), real: time.Now()}
+				// Refuse the first attempt, with the ACME client's own
+				// retries inside it (at the same manager time).
+				if len(orders) > 0 && !o.fake.Equal(orders[0].fake) {
+					orders = append(orders, o)
+					return false
+				}
+				v := fmt.Sprint(int(after / time.Second))
+				o.deadline = o.real.Add(after)
+				if tc.form == "date" {
+					// An HTTP-date has whole seconds: round up.
+					o.deadline = o.real.Add(after).Truncate(time.Second).Add(time.Second)
+					v = o.deadline.UTC().Format(http.TimeFormat)
+				}
+				orders = append(orders, o)
+				problem(w, tc.status, tc.typ, "too many new orders recently: see https://letsencrypt.org/docs/rate-limits/", v)
+				return true
+			})
+			r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
+			r.closers = append(r.closers, ca.Close)
+			r.waitLoaded(t)
+			mu.Lock()
+			defer mu.Unlock()
+			refused, last := orders[:len(orders)-1], orders[len(orders)-1]
+			// The manager waited (on its clock) from the refusal to the
+			// next order; it computed the wait from the real clock, at
+			// some instant before the next order arrived. Sent at that
+			// instant plus the wait, the next order would come no sooner
+			// than the Retry-After named.
+			waited := last.fake.Sub(refused[len(refused)-1].fake)
+			if earliest := last.real.Add(waited); earliest.Before(refused[len(refused)-1].deadline) {
+				t.Errorf("the manager waited %v after a Retry-After of %v: %v early", waited, after, refused[len(refused)-1].deadline.Sub(earliest))
+			}
+			t.Logf("new-order requests: %d refused within the first attempt (the ACME client's own retries), then 1 after %v", len(refused), waited.Round(time.Second))
+			w := warnings(r)
+			if len(w) != 1 {
+				t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
+			}
+			t.Logf("the operator reads: %s", w[0].text)
+			r.closeAndCheck(t, leaks)
+		})
+	}
+
+	t.Run("Retry-After on polls", func(t *testing.T) {
+		f := startForge(t, testforge.Config{RetryAfterAuthz: 1, RetryAfterOrder: 1})
+		ca := startCAProxy(t, f)
+		leaks := leakCheck(t)
+		// On the real clock: the CA's requests are timed on it.
+		h := newHost(t, f, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
+		waitCert(t, h, 30*time.Second)
+		reqs := ca.Requests()
+		checked := 0
+		for i, q := range reqs {
+			d, ok := parseRetryAfter(q.RetryAfter, q.Received)
+			if !ok || d == 0 || strings.Contains(q.Path, "renewalInfo") {
+				continue
+			}
+			notBefore := q.Received.Add(d)
+			// The poll a Retry-After is for: the same URL, or the order
+			// after its finalization.
+			next := strings.Replace(q.Path, "/finalize-order/", "/my-order/", 1)
+			for _, n := range reqs[i+1:] {
+				if n.Path != next {
+					continue
+				}
+				checked++
+				if n.Received.Before(notBefore) {
+					t.Errorf("%s polled %v after %s said to wait until %v", n.Path, n.Received.Sub(q.Received), q.Path, q.RetryAfter)
+				}
+				break
+			}
+		}
+		if checked == 0 {
+			for _, q := range reqs {
+				t.Logf("%s %s %d %q", q.Method, q.Path, q.Status, q.RetryAfter)
+			}
+			t.Fatal("no poll followed a Retry-After: the fault did not happen")
+		}
+		t.Logf("%d polls followed a Retry-After, none early", checked)
+		if err := h.Close(); err != nil {
+			t.Fatal(err)
+		}
+		ca.Close()
+		leaks()
+	})
+}

@@ -1,0 +1,171 @@
+package autotls
+
+// Crash tests: a real child process killed in the middle of storing a
+// certificate, and the restart that follows.
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/p2ptls/autotls/internal/testforge"
+	"github.com/p2ptls/autotls/storage"
+)
+
+// crashEnv carries the setup of TestFaultCrashRestart's child process.
+const crashEnv = "AUTOTLS_TEST_CRASH_CHILD"
+
+type crashSetup struct {
+	Domain, BrokerURL, CAURL, DNSAddr, Dir string
+	CARootPEM, Key                         []byte
+}
+
+// crashingStorage stores like its Storage until asked to store a site's
+// certificate, key or metadata: then the process exits at once, as if it
+// had been killed after the CA issued and before anything was saved.
+type crashingStorage struct{ certmagic.Storage }
+
+func (s crashingStorage) Store(ctx context.Context, key string, value []byte) error {
+	if strings.HasPrefix(key, "certificates/") {
+		os.Exit(3)
+	}
+	return s.Storage.Store(ctx, key, value)
+}
+
+// TestFaultCrashChild is the process TestFaultCrashRestart kills: it is
+// skipped unless run by it.
+func TestFaultCrashChild(t *testing.T) {
+	raw := os.Getenv(crashEnv)
+	if raw == "" {
+		t.Skip("the process TestFaultCrashRestart crashes")
+	}
+	var s crashSetup
+	if err := json.Unmarshal([]byte(raw), &s); err != nil {
+		t.Fatal(err)
+	}
+	key, err := crypto.UnmarshalPrivateKey(s.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(s.CARootPEM)
+	st, err := storage.Dir(s.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resolver := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, s.DNSAddr)
+	}}
+	h, err := libp2p.New(
+		libp2p.Identity(key),
+		libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"),
+		libp2p.ConnectionGater(testforge.LoopbackGater()),
+		Option(WithForgeDomain(s.Domain), WithRegistrationEndpoint(s.BrokerURL), WithCA(s.CAURL, roots),
+			WithAllowPrivateAddrs(), WithResolver(resolver), WithStorage(crashingStorage{st})),
+	)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	time.Sleep(time.Minute) // the crash comes first
+	t.Fatal("no crash")
+}
+
+// TestFaultCrashRestart: a process is killed between the CA issuing its
+// certificate and storing it (a real crash: a child process exits inside
+// the storage write, leaving its lock file behind). On restart with the
+// same identity and storage, the host gets the certificate the CA issued
+// before the crash: the pending order (its key and URL, pending.go) is
+// taken up, so there is no new account, order, registration, validation or
+// finalization, and so no second certificate counting against the CA's
+// limit on the name. The pending order is deleted once the certificate is
+// stored.
+func TestFaultCrashRestart(t *testing.T) {
+	f := startForge(t, testforge.Config{AuthzReusePercent: 100})
+	ca := startCAProxy(t, f)
+	key := genKey(t, crypto.Ed25519)
+	rawKey, err := crypto.MarshalPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "store")
+	setup, err := json.Marshal(crashSetup{Domain: f.Domain, BrokerURL: f.BrokerURL, CAURL: ca.URL, DNSAddr: f.DNSAddr, Dir: dir, CARootPEM: ca.RootPEM, Key: rawKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.CommandContext(t.Context(), os.Args[0], "-test.run=^TestFaultCrashChild$", "-test.count=1")
+	cmd.Env = append(os.Environ(), crashEnv+"="+string(setup))
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 3 {
+		t.Fatalf("the child did not crash where it should (%v):\n%s", err, out)
+	}
+	id := idOf(t, key)
+	s := filesFor(dir, f, ca.URL, id)
+	if _, err := os.Stat(s.cert); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a certificate was stored before the crash: %v", err)
+	}
+	pendingGlob := filepath.Join(dir, "autotls", "acme", "*", "pending", "*.json")
+	if pending, _ := filepath.Glob(pendingGlob); len(pending) != 1 {
+		t.Fatalf("the crash left %d pending orders, want 1", len(pending))
+	}
+	crashed := ca.Requests()
+	if count(crashed, http.MethodPost, "/certZ/") != 1 {
+		t.Fatalf("the child did not download its certificate before crashing")
+	}
+	lock := filepath.Join(dir, "locks", certmagic.StorageKeys.Safe("issue_cert_"+certName(id, f.Domain))+".lock")
+	if _, err := os.Stat(lock); err != nil {
+		t.Fatalf("the crash left no lock file: %v", err)
+	}
+	// The lock file stays, but the lock died with its holder: the restart
+	// takes it at once (storage.Dir locks with flock).
+
+	leaks := leakCheck(t)
+	before := f.Stats()
+	st, err := storage.Dir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(time.Minute))
+	r := startRig(t, f, clk, []libp2p.Option{libp2p.Identity(key)}, nil, WithStorage(st), WithCA(ca.URL, ca.Roots))
+	r.closers = append(r.closers, ca.Close)
+	r.waitLoaded(t)
+	after := ca.Requests()[len(crashed):]
+	got := map[string]int{
+		"new accounts":  count(after, http.MethodPost, "/sign-me-up"),
+		"new orders":    count(after, http.MethodPost, "/order-plz"),
+		"validations":   count(after, http.MethodPost, "/chalZ/"),
+		"finalizations": count(after, http.MethodPost, "/finalize-order/"),
+		"registrations": f.Stats().Registered - before.Registered,
+	}
+	if count(crashed, http.MethodPost, "/finalize-order/") != 1 {
+		t.Fatalf("the child's finalization is not where the test looks for it")
+	}
+	want := map[string]int{"new accounts": 0, "new orders": 0, "validations": 0, "finalizations": 0, "registrations": 0}
+	for k, w := range want {
+		if got[k] != w {
+			t.Errorf("restart: %d %s, want %d", got[k], k, w)
+		}
+	}
+	t.Logf("restart after the crash: %v, %d CA requests", got, len(after))
+	pending, err := filepath.Glob(pendingGlob)
+	if err != nil || len(pending) != 0 {
+		t.Errorf("the pending order outlived the stored certificate: %v %v", pending, err)
+	}
+	pingOverTCP(t, f, r.h)
+	r.closeAndCheck(t, leaks)
+}
