@@ -9,13 +9,16 @@
 #
 # It exports
 #   AUTOTLS_TEST_POSTGRES_URL  postgres://autotls@127.0.0.1:PORT/autotls_test?sslmode=disable
+#   AUTOTLS_TEST_PGBOUNCER_URL the same database through PgBouncer in transaction mode
 #   AUTOTLS_TEST_POSTGRES_CTL  a script taking "stop" or "start" (the server restart test uses it)
 #
-# Debian's postgresql is installed if missing (as root; apt-get update first).
+# Debian's postgresql and pgbouncer are installed if missing (as root;
+# apt-get update first).
 # The server runs from a new temporary directory, listens on 127.0.0.1 at a
 # free port only, trusts every local connection, and is stopped by its PID and
-# its directory removed on exit. initdb and postgres refuse to run as root: as
-# root, they run as the postgres system user.
+# its directory removed on exit; PgBouncer likewise. initdb, postgres and
+# pgbouncer refuse to run as root: as root, they run as the postgres system
+# user.
 
 # autotls_pg_bin prints Debian's newest PostgreSQL binary directory.
 autotls_pg_bin() {
@@ -50,6 +53,9 @@ autotls_pg_pid() {
 autotls_pg_stop() {
   [ -n "${AUTOTLS_PG_DIR:-}" ] || return 0
   local pid
+  if [ -n "${AUTOTLS_PG_BOUNCER_PID:-}" ]; then
+    kill -TERM "$AUTOTLS_PG_BOUNCER_PID" 2>/dev/null || true
+  fi
   pid=$(autotls_pg_pid)
   if [ -n "$pid" ] && kill -INT "$pid" 2>/dev/null; then # fast shutdown
     for _ in $(seq 100); do
@@ -75,17 +81,19 @@ autotls_pg_wait_ready() {
 }
 
 autotls_pg_start() {
-  local bin
-  if ! bin=$(autotls_pg_bin); then
+  local bin missing=()
+  autotls_pg_bin >/dev/null || missing+=(postgresql)
+  [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
+  if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
-      echo "postgres.sh: PostgreSQL is missing; as root: apt-get install postgresql" >&2
+      echo "postgres.sh: missing ${missing[*]}; as root: apt-get install ${missing[*]}" >&2
       return 1
     fi
-    echo "postgres.sh: installing Debian's postgresql"
+    echo "postgres.sh: installing Debian's ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql
-    bin=$(autotls_pg_bin)
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
   fi
+  bin=$(autotls_pg_bin)
 
   local as=() # runs a command as the server's user
   if [ "$(id -u)" = 0 ]; then
@@ -126,6 +134,42 @@ autotls_pg_start() {
   fi
   "$bin/createdb" -h 127.0.0.1 -p "$port" -U autotls autotls_test
 
+  # PgBouncer in transaction mode: a client's consecutive transactions may
+  # run on different server connections, so session state does not carry.
+  local bport
+  bport=$(autotls_pg_free_port)
+  echo '"autotls" ""' >"$dir/userlist.txt"
+  cat >"$dir/pgbouncer.ini" <<INI
+[databases]
+autotls_test = host=127.0.0.1 port=$port dbname=autotls_test user=autotls
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bport
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+max_client_conn = 500
+default_pool_size = 20
+INI
+  (cd "$dir" && exec "${as[@]}" /usr/sbin/pgbouncer "$dir/pgbouncer.ini" \
+    >>"$dir/pgbouncer.log" 2>&1 </dev/null) &
+  AUTOTLS_PG_BOUNCER_PID=$!
+  local ready=
+  for _ in $(seq 100); do
+    if "$bin/psql" -qAt -h 127.0.0.1 -p "$bport" -U autotls -d autotls_test -c 'SELECT 1' >/dev/null 2>&1; then
+      ready=1
+      break
+    fi
+    kill -0 "$AUTOTLS_PG_BOUNCER_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ -z "$ready" ]; then
+    echo "postgres.sh: PgBouncer did not start" >&2
+    cat "$dir/pgbouncer.log" >&2
+    return 1
+  fi
+
   # The restart test stops and starts the server through this script.
   local start
   start=$(printf '%q ' "${as[@]}" "$bin/postgres" -D "$dir/data" -k "$dir" -p "$port" "${opts[@]}")
@@ -152,8 +196,10 @@ EOF
   chmod 0755 "$dir/ctl"
 
   export AUTOTLS_TEST_POSTGRES_URL="postgres://autotls@127.0.0.1:$port/autotls_test?sslmode=disable"
+  export AUTOTLS_TEST_PGBOUNCER_URL="postgres://autotls@127.0.0.1:$bport/autotls_test?sslmode=disable"
   export AUTOTLS_TEST_POSTGRES_CTL="$dir/ctl"
   echo "postgres.sh: $("$bin/postgres" --version) (PID $pid) at $AUTOTLS_TEST_POSTGRES_URL"
+  echo "postgres.sh: PgBouncer (PID $AUTOTLS_PG_BOUNCER_PID, transaction mode) at $AUTOTLS_TEST_PGBOUNCER_URL"
 }
 
 if [ "${BASH_SOURCE[0]}" != "$0" ]; then
@@ -170,6 +216,7 @@ else
   else
     echo "postgres.sh: running until Ctrl-C; in another shell:"
     echo "  export AUTOTLS_TEST_POSTGRES_URL='$AUTOTLS_TEST_POSTGRES_URL'"
+    echo "  export AUTOTLS_TEST_PGBOUNCER_URL='$AUTOTLS_TEST_PGBOUNCER_URL'"
     echo "  export AUTOTLS_TEST_POSTGRES_CTL='$AUTOTLS_TEST_POSTGRES_CTL'"
     # The server may be restarted through the ctl script meanwhile: wait
     # for a signal, not for its PID.

@@ -260,3 +260,31 @@ func TestBadConnString(t *testing.T) {
 		t.Errorf("error is a timeout, want a parse error: %v", err)
 	}
 }
+
+// TestPgBouncer runs the storagetest suite through PgBouncer in transaction
+// mode (AUTOTLS_TEST_PGBOUNCER_URL, set by .ci/postgres.sh), where
+// consecutive statements of a client may run on different server
+// connections: nothing may rely on session state or prepared statements.
+func TestPgBouncer(t *testing.T) {
+	const env = "AUTOTLS_TEST_PGBOUNCER_URL"
+	testURL(t) // the schemas are dropped directly
+	bouncer := os.Getenv(env)
+	if bouncer == "" {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("%s is not set in CI: .ci/postgres.sh starts PgBouncer", env)
+		}
+		t.Skipf("%s is not set: run with `bash .ci/postgres.sh go test ./storage/postgres/`", env)
+	}
+	var schemas sync.Map // *postgres.Storage → its schema
+	storagetest.Run(t, func(t *testing.T) certmagic.Storage {
+		schema := newSchema(t)
+		s := open(t, bouncer, schema, postgres.WithLease(5*time.Second))
+		schemas.Store(s, schema)
+		return s
+	}, storagetest.Options{
+		Shared: func(t *testing.T, s certmagic.Storage) certmagic.Storage {
+			schema, _ := schemas.Load(s)
+			return open(t, bouncer, schema.(string), postgres.WithLease(5*time.Second))
+		},
+	})
+}
