@@ -40,6 +40,8 @@ func notExist(op, key string) error {
 
 // Store puts value at key, replacing any value there. Like a file system,
 // it fails if key is a directory or if a directory above key is a file.
+// (The check is part of the same statement, but two concurrent Stores, of
+// a key and of a key below it, can both succeed; certmagic never does so.)
 func (s *Storage) Store(ctx context.Context, key string, value []byte) error {
 	k := cleanKey(key)
 	if k == "" {

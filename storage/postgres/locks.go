@@ -84,7 +84,7 @@ func (s *Storage) acquire(ctx context.Context, name, owner string) (bool, error)
 			// The statement may have taken the lock before the call
 			// gave up (cancelled, timed out, connection lost): give it
 			// back rather than leave it held until its lease ends.
-			s.releaseLater(name, owner)
+			s.releaseLater(name, owner, sent.Add(s.lease))
 		}
 		return false, err
 	}
@@ -113,17 +113,31 @@ func (s *Storage) acquire(ctx context.Context, name, owner string) (bool, error)
 }
 
 // releaseLater deletes, in the background, the row of a lock that owner
-// may hold. Close stops it; then the lock's lease ends as usual.
-func (s *Storage) releaseLater(name, owner string) {
+// may hold, retrying every second while the database cannot be reached,
+// until the lease would have ended anyway (until) or Close.
+func (s *Storage) releaseLater(name, owner string, until time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return
 	}
 	s.wg.Go(func() {
-		ctx, cancel := s.callCtx(s.ctx)
-		defer cancel()
-		_, _ = s.pool.Exec(ctx, s.q.unlock, name, owner)
+		for {
+			ctx, cancel := s.callCtx(s.ctx)
+			_, err := s.pool.Exec(ctx, s.q.unlock, name, owner)
+			cancel()
+			left := time.Until(until)
+			if err == nil || left <= 0 {
+				return
+			}
+			t := time.NewTimer(min(time.Second, left))
+			select {
+			case <-s.ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+		}
 	})
 }
 

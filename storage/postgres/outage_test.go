@@ -25,7 +25,8 @@ type proxy struct {
 	wg     sync.WaitGroup
 
 	mu     sync.Mutex
-	cut    bool
+	cut    bool // nothing is forwarded
+	muted  bool // only replies are dropped
 	closed bool
 	// client maps each client connection to its server connection, nil
 	// while the connection is silent (cut).
@@ -88,11 +89,25 @@ func (p *proxy) forward(c net.Conn) {
 	p.client[c] = d
 	p.mu.Unlock()
 	go func() { _, _ = io.Copy(d, c) }() // returns once c or d is closed
-	_, _ = io.Copy(c, d)
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := d.Read(buf)
+		p.mu.Lock()
+		muted := p.muted
+		p.mu.Unlock()
+		if n > 0 && !muted {
+			if _, err := c.Write(buf[:n]); err != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
 	d.Close()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if !p.cut {
+	if !p.cut && !p.muted {
 		c.Close()
 		delete(p.client, c)
 	}
@@ -112,17 +127,27 @@ func (p *proxy) Cut() {
 	}
 }
 
-// Restore ends the partition: the silent connections are reset, and new
-// ones are forwarded again.
+// Mute drops what the database sends: requests still reach it, and it
+// carries them out, but no reply comes back, on open connections or new
+// ones.
+func (p *proxy) Mute() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.muted = true
+}
+
+// Restore ends a partition or a mute: the connections that lived through
+// it are reset, and new ones are forwarded again.
 func (p *proxy) Restore() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.cut = false
+	p.cut, p.muted = false, false
 	for c, d := range p.client {
-		if d == nil {
-			c.Close()
-			delete(p.client, c)
+		c.Close()
+		if d != nil {
+			d.Close()
 		}
+		delete(p.client, c)
 	}
 }
 
@@ -358,6 +383,37 @@ func TestLeaseEndsInOutage(t *testing.T) {
 		t.Fatalf("TryLock after the old holder's Unlock = %v, %v; want false: the new holder has it", ok, err)
 	}
 	if err := next.Unlock(t.Context(), lockName); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLockReplyLost: a Lock whose statement took the lock but whose reply
+// never came (timed out) gives the lock back once the database answers
+// again, rather than leave it taken for a lease nobody renews.
+func TestLockReplyLost(t *testing.T) {
+	t.Parallel()
+	dbURL, schema := testURL(t), newSchema(t)
+	p, proxied := startProxy(t, dbURL)
+	// The default lease, 1 minute: the other pool gets the lock long before.
+	s := open(t, proxied, schema, postgres.WithTimeout(500*time.Millisecond))
+	other := open(t, dbURL, schema)
+	if err := s.Store(t.Context(), "k", nil); err != nil { // a connection to take the lock on
+		t.Fatal(err)
+	}
+	p.Mute()
+	if err := s.Lock(t.Context(), lockName); err == nil {
+		t.Fatal("Lock without a reply succeeded")
+	}
+	if ok, err := other.TryLock(t.Context(), lockName); ok || err != nil {
+		t.Fatalf("TryLock while the reply is lost = %v, %v; want false: the statement took the lock", ok, err)
+	}
+	p.Restore()
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	if err := other.Lock(ctx, lockName); err != nil {
+		t.Fatalf("Lock of the lock given back: %v", err)
+	}
+	if err := other.Unlock(t.Context(), lockName); err != nil {
 		t.Fatal(err)
 	}
 }
