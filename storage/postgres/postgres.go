@@ -18,8 +18,8 @@
 //
 // # PgBouncer
 //
-// The storage keeps no session state: no advisory locks, no SET, no named
-// prepared statements. Every statement is sent with pgx's
+// The storage keeps no session state: no advisory locks, no session-level
+// SET, no named prepared statements. Every statement is sent with pgx's
 // [pgx.QueryExecModeExec] (one round trip, unnamed statement, text
 // parameters), so it works behind PgBouncer in transaction mode. A
 // connection string that sets default_query_exec_mode (simple_protocol, for
@@ -50,7 +50,8 @@
 // keeps trying, logs again when it succeeds, and gives up (with an error
 // line) once the lease has run out, after which another host may take the
 // lock. Lock and Unlock return errors during an outage; a lock whose Unlock
-// failed is free again when its lease ends.
+// failed is free again when its lease ends, and one that a failed Lock may
+// have taken is given back once the database answers again.
 package postgres
 
 import (
