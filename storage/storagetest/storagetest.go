@@ -46,15 +46,21 @@ type Options struct {
 	// one (a few seconds). The check waits up to 3×Lease + 10 s.
 	Lease time.Duration
 
-	// Skip names subtests (the names after "Run/", such as "TryLock") to
-	// skip, each with the reason: a known gap of the store under test,
-	// reported by t.Skip.
+	// Skip names subtests to skip (see [Run] for their names), each with
+	// the reason: a known gap of the store under test, reported by t.Skip.
 	Skip map[string]string
 }
 
 // Run runs the conformance suite as subtests of t. newStorage must return
 // a new, empty store each time it is called (once or twice per subtest),
 // registering with t.Cleanup whatever it needs to undo.
+//
+// The subtests, each documented in this package's source: StoreLoad,
+// CopySemantics, Missing, MissingBelowFile, Keys, List, Stat, Delete,
+// ConcurrentWrites, Shared, LockExcludes, LockExcludesShared,
+// LockContention, LockCancel, Relock, TryLock, RenewLockLease,
+// AbandonedLock. Those that need an optional interface or an [Options]
+// field skip without it.
 //
 // The subtests run in parallel with each other (t.Parallel), so Run
 // returns before they finish; resources the caller shares between them
