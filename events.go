@@ -6,8 +6,7 @@ import "time"
 type CertSource string
 
 const (
-	// FromStorage: a valid certificate read from storage, at start or
-	// stored there by another process sharing the storage.
+	// FromStorage: a valid certificate read from storage.
 	FromStorage CertSource = "storage"
 	// Obtained: a certificate issued for the first time.
 	Obtained CertSource = "obtained"
@@ -16,35 +15,29 @@ const (
 )
 
 // EvtCertificateLoaded is emitted on the host's event bus each time a
-// certificate starts being served: at start from storage, after the first
-// issuance, and after each renewal. The emitter is stateful, so a late
-// subscriber receives the current certificate.
+// certificate starts being served: from storage (at start, or stored by
+// another process sharing it), after the first issuance, and after each
+// renewal. It is stateful: a late subscriber receives the current one.
 type EvtCertificateLoaded struct {
 	// Names are the certificate's DNS names: *.<peerid>.<forge-domain>.
 	Names []string
 	// NotBefore and NotAfter bound the certificate's validity.
 	NotBefore, NotAfter time.Time
-	// Source says where it came from: [FromStorage] for a certificate
-	// read from storage (at start, or stored by another process sharing
-	// the storage), [Obtained] or [Renewed] for one this host was issued.
+	// Source says where it came from.
 	Source CertSource
 }
 
 // EvtCertificateExpired is emitted when the served certificate expires
 // without a replacement. The WSS listeners close and their addresses are
-// withdrawn until a new certificate is loaded. It is a plain event: a late
-// subscriber reads the lapse from the stateful [EvtCertificateLoaded],
-// whose NotAfter has passed.
+// withdrawn until a new certificate is loaded.
 type EvtCertificateExpired struct {
 	Names    []string
 	NotAfter time.Time
 }
 
 // EvtIssuanceFailed is emitted when an attempt to obtain or renew the
-// certificate fails (the broker's health check before the first attempt
-// included). The certificate in use, if any, stays in use. It is a plain
-// event, not state: a subscriber learns of failures from the moment it
-// subscribes, and a failure is over once [EvtCertificateLoaded] follows.
+// certificate fails. The certificate in use, if any, stays in use. It is
+// not stateful: an [EvtCertificateLoaded] after it ends the failure.
 type EvtIssuanceFailed struct {
 	// Err is the cause; a *[BrokerError] when the broker refused.
 	Err error

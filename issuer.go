@@ -8,13 +8,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"net/url"
 	"slices"
-	"strings"
-	"sync"
 	"time"
 
-	"github.com/caddyserver/certmagic"
 	"github.com/mholt/acmez/v3"
 	"github.com/mholt/acmez/v3/acme"
 )
@@ -38,13 +34,11 @@ type issuer struct {
 	account *acme.Account // cached; used by the run goroutine only
 }
 
-// Polling of authorizations and orders. A CA often validates a DNS-01
-// challenge or issues a certificate within milliseconds of being asked
-// (Pebble on loopback: under 1 ms). The first poll comes after pollFirst,
-// then the interval triples up to pollMax: against a CA that takes a
-// second or more, about as many polls as a fixed 250 ms interval, the
-// extra ones tiny POST-as-GETs in the first 15 ms. A Retry-After from the
-// CA replaces the interval exactly.
+// Polling of authorizations and orders: a CA often decides within
+// milliseconds (Pebble on loopback: under 1 ms), so the first poll comes
+// after pollFirst, then the interval triples up to pollMax (against a slow
+// CA, about as many polls as a fixed 250 ms interval). A Retry-After from
+// the CA replaces the interval exactly.
 const (
 	pollFirst   = time.Millisecond
 	pollGrowth  = 3
@@ -79,16 +73,6 @@ func newIssuer(caURL string, roots *x509.CertPool, userAgent, email, profile str
 		clock:   clk,
 		ra:      ra,
 	}
-}
-
-// issuerKey names the CA in storage paths, as certmagic's ACME issuer
-// does: the directory URL's host and path.
-func issuerKey(caURL string) string {
-	u, err := url.Parse(caURL)
-	if err != nil {
-		return certmagic.StorageKeys.Safe(caURL)
-	}
-	return certmagic.StorageKeys.Safe(strings.ReplaceAll(u.Host+u.Path, "/", "-"))
 }
 
 // obtain runs one ACME order for csr and returns the issued chain. po
@@ -194,35 +178,15 @@ func (i *issuer) resumeOrder(ctx context.Context, account acme.Account, loc stri
 }
 
 func sameIdentifiers(a, b []acme.Identifier) bool {
-	key := func(id acme.Identifier) string { return id.Type + ":" + id.Value }
-	ka, kb := make([]string, len(a)), make([]string, len(b))
-	for n, id := range a {
-		ka[n] = key(id)
+	keys := func(ids []acme.Identifier) []string {
+		out := make([]string, len(ids))
+		for n, id := range ids {
+			out[n] = id.Type + ":" + id.Value
+		}
+		slices.Sort(out)
+		return out
 	}
-	for n, id := range b {
-		kb[n] = key(id)
-	}
-	slices.Sort(ka)
-	slices.Sort(kb)
-	return slices.Equal(ka, kb)
-}
-
-// refusedReplaces tells whether err, from creating an order that names the
-// certificate it replaces, may be about that name: any ACME problem except
-// those that say to come back later (rate limits, 429, 503), which an order
-// without "replaces" would meet as well.
-func refusedReplaces(err error) bool {
-	var prob acme.Problem
-	if !errors.As(err, &prob) {
-		return false
-	}
-	switch {
-	case prob.Type == acme.ProblemTypeRateLimited,
-		prob.Status == http.StatusTooManyRequests,
-		prob.Status == http.StatusServiceUnavailable:
-		return false
-	}
-	return true
+	return slices.Equal(keys(a), keys(b))
 }
 
 // newOrder creates an order for ids, naming replaces, if it is still
@@ -428,81 +392,4 @@ func (i *issuer) poll(ctx context.Context, loc string, check func() (done bool, 
 		}
 		interval = min(interval*pollGrowth, pollMax)
 	}
-}
-
-// retryAfterTransport is the CA client's transport. It keeps the
-// Retry-After of the latest response, as an instant on the manager's
-// clock, and the URL it came from, since acme.Client does not return
-// headers from GetAuthorization, GetOrder or FinalizeOrder.
-type retryAfterTransport struct {
-	next  http.RoundTripper
-	clock clock
-
-	mu  sync.Mutex
-	url string
-	at  time.Time // zero: the latest response had no valid Retry-After
-}
-
-// RoundTrip implements http.RoundTripper.
-func (t *retryAfterTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	resp, err := t.next.RoundTrip(req)
-	var at time.Time
-	if resp != nil {
-		now := t.clock.Now()
-		if d, ok := parseRetryAfter(resp.Header.Get("Retry-After"), now); ok {
-			at = now.Add(d)
-		}
-	}
-	t.mu.Lock()
-	t.url, t.at = req.URL.String(), at
-	t.mu.Unlock()
-	return resp, err
-}
-
-// CloseIdleConnections closes the idle connections of the transport
-// underneath, so that none outlives the host.
-func (t *retryAfterTransport) CloseIdleConnections() {
-	if c, ok := t.next.(interface{ CloseIdleConnections() }); ok {
-		c.CloseIdleConnections()
-	}
-}
-
-// latest returns the time named by the latest response's Retry-After.
-func (t *retryAfterTransport) latest() (time.Time, bool) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.at, !t.at.IsZero()
-}
-
-// take returns the time named by the latest response's Retry-After if that
-// response came from loc, and forgets it.
-func (t *retryAfterTransport) take(loc string) (time.Time, bool) {
-	loc = normalURL(loc)
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.url != loc || t.at.IsZero() {
-		return time.Time{}, false
-	}
-	at := t.at
-	t.at = time.Time{}
-	return at, true
-}
-
-// move re-labels a Retry-After from the URL from which it came to the URL
-// it is for.
-func (t *retryAfterTransport) move(from, to string) {
-	from, to = normalURL(from), normalURL(to)
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.url == from {
-		t.url = to
-	}
-}
-
-// normalURL is loc as a request's URL reads back, for comparisons.
-func normalURL(loc string) string {
-	if u, err := url.Parse(loc); err == nil {
-		return u.String()
-	}
-	return loc
 }

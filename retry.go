@@ -177,6 +177,24 @@ func classify(err error, now time.Time) failure {
 	return f
 }
 
+// refusedReplaces tells whether err, from creating an order that names the
+// certificate it replaces, may be about that name: any ACME problem except
+// those that say to come back later (rate limits, 429, 503), which an order
+// without "replaces" would meet as well.
+func refusedReplaces(err error) bool {
+	var prob acme.Problem
+	if !errors.As(err, &prob) {
+		return false
+	}
+	switch {
+	case prob.Type == acme.ProblemTypeRateLimited,
+		prob.Status == http.StatusTooManyRequests,
+		prob.Status == http.StatusServiceUnavailable:
+		return false
+	}
+	return true
+}
+
 // isValidationFailure reports whether prob is the CA's verdict on a
 // challenge it tried to validate (the issuer attaches the invalid
 // authorization).

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/certmagic"
@@ -44,6 +46,16 @@ type pendingOrder struct {
 type certMeta struct {
 	SANs       []string        `json:"sans,omitempty"`
 	IssuerData json.RawMessage `json:"issuer_data,omitempty"`
+}
+
+// issuerKey names the CA in storage paths, as certmagic's ACME issuer
+// does: the directory URL's host and path.
+func issuerKey(caURL string) string {
+	u, err := url.Parse(caURL)
+	if err != nil {
+		return certmagic.StorageKeys.Safe(caURL)
+	}
+	return certmagic.StorageKeys.Safe(strings.ReplaceAll(u.Host+u.Path, "/", "-"))
 }
 
 // asideSuffix is appended to the keys of an unusable certificate, key and
