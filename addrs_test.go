@@ -22,6 +22,7 @@ import (
 // loaded, only public ones unless private ones are allowed, never one whose
 // TCP part AutoNAT v2 found unreachable; everything else passes through.
 func TestRewriteAddrs(t *testing.T) {
+	t.Parallel()
 	k, _, err := crypto.GenerateEd25519Key(nil)
 	if err != nil {
 		t.Fatal(err)
@@ -91,6 +92,7 @@ func TestRewriteAddrs(t *testing.T) {
 // AutoNAT itself cannot run here (it needs public peers), so the test emits
 // its event on the host's bus, as AutoNAT would.
 func TestReachabilityGate(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	h, err := libp2p.New(append(f.HostOptions(), Option(
 		WithForgeDomain(f.Domain),

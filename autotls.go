@@ -150,3 +150,16 @@ func (m *manager) tlsConfig() *tls.Config {
 }
 
 var errNoCertificate = errors.New("autotls: no certificate loaded yet")
+
+// getCertificate returns the certificate for a ClientHello naming
+// <label>.<peerid>.<forge>, the only names the wildcard covers.
+func (m *manager) getCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	c := m.cert.Load()
+	if c == nil {
+		return nil, errNoCertificate
+	}
+	if !coveredBy(hello.ServerName, m.domain) {
+		return nil, fmt.Errorf("autotls: no certificate for server name %q", hello.ServerName)
+	}
+	return c.tls, nil
+}

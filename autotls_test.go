@@ -173,6 +173,7 @@ func genKey(t testing.TB, typ int) crypto.PrivKey {
 // refuses a foreign one, and a libp2p dial over the announced address
 // carries a ping.
 func TestIssueAllKeyTypes(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	for _, tc := range []struct {
 		name string
@@ -236,6 +237,7 @@ func withManager(f func(*manager)) Opt {
 // health check), new handshakes see the new certificate, the event says
 // Renewed, and a libp2p connection made before the renewal stays up.
 func TestRenewalHotSwap(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	var m *manager
 	h := newHost(t, f, nil, WithStorage(storage.Memory()), withManager(func(x *manager) { m = x }))
@@ -305,6 +307,7 @@ func TestRenewalHotSwap(t *testing.T) {
 // manager's own schedule (half the lifetime, for certificates under ten
 // days) renews it before it expires, with no restart and no kick.
 func TestRenewalOnSchedule(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{CertValidity: 4 * time.Second})
 	h := newHost(t, f, nil, WithStorage(storage.Memory()))
 	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))

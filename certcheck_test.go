@@ -205,6 +205,7 @@ func checkServed(c *servedCert, name string, now time.Time) error {
 // whole and signed by the next, with the leaf's key, for exactly our name,
 // valid now; and says exactly what is wrong with any other.
 func TestCheckCert(t *testing.T) {
+	t.Parallel()
 	p := newTestPKI(t)
 	full := encodeChain(p.leaf, p.inter)
 	leafPEM, interPEM := encodeChain(p.leaf), encodeChain(p.inter)

@@ -190,6 +190,7 @@ func walkFiles(t *testing.T, dir string, fn func(path string, b []byte)) {
 // The stored chain verifies against root.pem while Pebble's root and
 // intermediate are valid: 30 years from not_before in forge.json.
 func TestServeStoreV1(t *testing.T) {
+	t.Parallel()
 	var info storeV1Info
 	if err := json.Unmarshal(mustRead(t, storeV1Forge), &info); err != nil {
 		t.Fatalf("%s: %v", storeV1Forge, err)

@@ -15,6 +15,7 @@ import (
 // they repeat) are told apart by cause, not by error text, which changes
 // between attempts of the same failure.
 func TestClassifyKey(t *testing.T) {
+	t.Parallel()
 	now := time.Now()
 	failureKey := func(err error) string { return classify(err, now).key }
 	wrap := func(err error) error {
@@ -56,6 +57,7 @@ func TestClassifyKey(t *testing.T) {
 
 // TestClassifyDelays: what each failure asks of the run loop.
 func TestClassifyDelays(t *testing.T) {
+	t.Parallel()
 	now := time.Now()
 	authz := acme.Problem{Type: acme.ProblemTypeNamespace + "unauthorized", Resource: acme.Authorization{}}
 	for _, tc := range []struct {
@@ -111,6 +113,7 @@ func TestClassifyDelays(t *testing.T) {
 // attempts, in every one of many random draws (a bound that holds for any
 // draw: 12 attempts while the backoff grows, then at least 3 h apart).
 func TestRetryPolicyBounds(t *testing.T) {
+	t.Parallel()
 	f := classify(&BrokerError{Op: "health", StatusCode: 503}, time.Now())
 	worst := 0
 	for range 5000 {

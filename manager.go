@@ -2,7 +2,6 @@ package autotls
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -313,17 +312,4 @@ func (m *manager) expire(c *servedCert) {
 	m.log.Warn("certificate expired without renewal; browser addresses withdrawn until a new one is issued", "not_after", c.leaf.NotAfter.Format(time.RFC3339))
 	m.closeListeners()
 	_ = m.emExpired.Emit(EvtCertificateExpired{Names: append([]string(nil), c.leaf.DNSNames...), NotAfter: c.leaf.NotAfter})
-}
-
-// getCertificate returns the certificate for a ClientHello naming
-// <label>.<peerid>.<forge>, the only names the wildcard covers.
-func (m *manager) getCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-	c := m.cert.Load()
-	if c == nil {
-		return nil, errNoCertificate
-	}
-	if !coveredBy(hello.ServerName, m.domain) {
-		return nil, fmt.Errorf("autotls: no certificate for server name %q", hello.ServerName)
-	}
-	return c.tls, nil
 }

@@ -36,6 +36,7 @@ func userFactory(in []ma.Multiaddr) []ma.Multiaddr { return append(in, marker) }
 // listener, with Option first and last. Each must issue, announce and carry
 // a ping over WSS, and keep what the user configured.
 func TestOptionComposition(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	type combo struct {
 		name       string
@@ -117,6 +118,7 @@ func TestOptionComposition(t *testing.T) {
 // TestOptionErrors: bad configuration fails at libp2p.New, naming autotls
 // and what to change.
 func TestOptionErrors(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		opts []libp2p.Option
@@ -146,6 +148,7 @@ func TestOptionErrors(t *testing.T) {
 // TestShortAddrs: WithShortAddrs announces /dns4/<ip>.<peer>.<forge>/tcp/N/tls/ws,
 // which a dialer resolves through the forge's DNS to loopback.
 func TestShortAddrs(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	h := newHost(t, f, nil, WithStorage(storage.Memory()), WithShortAddrs())
 	waitCert(t, h, 30*time.Second)
@@ -159,6 +162,7 @@ func TestShortAddrs(t *testing.T) {
 
 // TestIPv6 dials the long /ip6/::1 form, where the machine has ::1.
 func TestIPv6(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	h, err := libp2p.New(
 		libp2p.ListenAddrStrings("/ip6/::1/tcp/0"),
@@ -181,6 +185,7 @@ func TestIPv6(t *testing.T) {
 // storage serves and announces its stored certificate before libp2p.New
 // returns, with no broker, CA or DNS request at all.
 func TestRestartFromStorage(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	key := genKey(t, 1 /* Ed25519 */)
 	store := storage.Memory()
@@ -208,6 +213,7 @@ func TestRestartFromStorage(t *testing.T) {
 // autotls still accepts TCP and QUIC connections, and announces no browser
 // address.
 func TestOtherTransportsSurviveBrokerOutage(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	f.SetBrokerFault(func(w http.ResponseWriter, r *http.Request) bool {
 		http.Error(w, "down for maintenance", http.StatusServiceUnavailable)

@@ -12,6 +12,7 @@ import (
 // window of a 90-day certificate into the past, as before a revocation,
 // the manager renews at once instead of waiting for day 60.
 func TestARIEarlyRenewal(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	h := newHost(t, f, nil, WithStorage(storage.Memory()), withManager(func(m *manager) {
 		m.ariFirstPoll = time.Second // production: up to 30 minutes

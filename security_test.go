@@ -96,6 +96,7 @@ func privateForms(t *testing.T, key crypto.PrivKey) map[string][]byte {
 // any encoding. The broker does see the public key, which shows the capture
 // is not vacuous.
 func TestSecurityIdentityKeyNeverSent(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	ca := startCAProxy(t, f)
 	for _, tc := range []struct {
@@ -204,6 +205,7 @@ func (a *authRecorder) RoundTrip(r *http.Request) (*http.Response, error) {
 // here) and over no other: replayed to another server, or relayed by one
 // under another name, it is worthless.
 func TestSecurityHostnameBinding(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	defer tr.CloseIdleConnections()
@@ -263,6 +265,7 @@ func TestSecurityHostnameBinding(t *testing.T) {
 // sent at all. Checked on brokerAddrs and on what the broker receives from
 // the solver's Present.
 func TestSecurityPrivateAddrsNotSent(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	relayed := ma.StringCast("/ip4/198.51.100.1/tcp/4001/p2p/12D3KooWGC6TvWhfapngNXBzfEYJuztp2ZtnV9Y5NhsjxPb5a7w2/p2p-circuit")
 	private := []string{
@@ -408,6 +411,7 @@ func sameStrings(a, b []string) bool {
 // exactly a certificate for our wildcard name, with its own key, valid
 // now; real Pebble certificates are used for the cases a CA could produce.
 func TestSecurityCheckCert(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	mine, other := genKey(t, crypto.Ed25519), genKey(t, crypto.Ed25519)
 	myID, otherID := idOf(t, mine), idOf(t, other)
@@ -479,6 +483,7 @@ func selfSigned(t *testing.T, k *ecdsa.PrivateKey, names []string) []byte {
 // key, the ACME account with its key, the certificate and its metadata);
 // lock files, which hold timestamps only, are gone once issuance ends.
 func TestSecurityKeyFilePermissions(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	dir := filepath.Join(t.TempDir(), "nested", "store")
 	st, err := storage.Dir(dir)
@@ -534,6 +539,7 @@ func TestSecurityKeyFilePermissions(t *testing.T) {
 // lines included), neither token appears in any log line or failure event,
 // not even when the broker echoes the token back in its error body.
 func TestSecurityAccessTokenNotLogged(t *testing.T) {
+	t.Parallel()
 	const good, wrong = "tok-good-5a1f8c0e93d2", "tok-wrong-77b3e410c6aa"
 	f := startForge(t, testforge.Config{AccessToken: good})
 	run := func(t *testing.T, token string, echo bool) (*logCapture, *EvtIssuanceFailed) {
@@ -597,6 +603,7 @@ func TestSecurityAccessTokenNotLogged(t *testing.T) {
 // TestSecurityTLSMinVersion: the WSS listener refuses clients that offer
 // only TLS 1.0 or 1.1, and serves TLS 1.2 and 1.3.
 func TestSecurityTLSMinVersion(t *testing.T) {
+	t.Parallel()
 	f := startForge(t, testforge.Config{})
 	h := newHost(t, f, nil, WithStorage(storage.Memory()))
 	waitCert(t, h, 30*time.Second)
