@@ -3,19 +3,19 @@ package autotls
 import (
 	"net/http"
 	"net/url"
-	"sync"
 	"time"
 )
 
 // retryAfterTransport is the CA client's transport. It keeps the
 // Retry-After of the latest response, as an instant on the manager's
 // clock, and the URL it came from, since acme.Client does not return
-// headers from GetAuthorization, GetOrder or FinalizeOrder.
+// headers from GetAuthorization, GetOrder or FinalizeOrder. The run
+// goroutine alone uses it (requests are sent from the goroutine that
+// makes them), so it needs no lock.
 type retryAfterTransport struct {
 	next  http.RoundTripper
 	clock clock
 
-	mu  sync.Mutex
 	url string
 	at  time.Time // zero: the latest response had no valid Retry-After
 }
@@ -30,9 +30,7 @@ func (t *retryAfterTransport) RoundTrip(req *http.Request) (*http.Response, erro
 			at = now.Add(d)
 		}
 	}
-	t.mu.Lock()
 	t.url, t.at = req.URL.String(), at
-	t.mu.Unlock()
 	return resp, err
 }
 
@@ -46,8 +44,6 @@ func (t *retryAfterTransport) CloseIdleConnections() {
 
 // latest returns the time named by the latest response's Retry-After.
 func (t *retryAfterTransport) latest() (time.Time, bool) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	return t.at, !t.at.IsZero()
 }
 
@@ -55,8 +51,6 @@ func (t *retryAfterTransport) latest() (time.Time, bool) {
 // response came from loc, and forgets it.
 func (t *retryAfterTransport) take(loc string) (time.Time, bool) {
 	loc = normalURL(loc)
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	if t.url != loc || t.at.IsZero() {
 		return time.Time{}, false
 	}
@@ -69,8 +63,6 @@ func (t *retryAfterTransport) take(loc string) (time.Time, bool) {
 // it is for.
 func (t *retryAfterTransport) move(from, to string) {
 	from, to = normalURL(from), normalURL(to)
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	if t.url == from {
 		t.url = to
 	}
