@@ -94,26 +94,30 @@ func TestRewriteAddrs(t *testing.T) {
 func TestReachabilityGate(t *testing.T) {
 	t.Parallel()
 	f := startForge(t, testforge.Config{})
-	h, err := libp2p.New(append(f.HostOptions(), Option(
+	// An hour of waiting for reachability, on the fake clock: the gate
+	// re-checks on a backoff, and parks at the horizon.
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(time.Hour))
+	fails := &failureLog{}
+	h, err := libp2p.New(append(f.HostOptions(), fails.option(t), Option(
 		WithForgeDomain(f.Domain),
 		WithRegistrationEndpoint(f.BrokerURL),
 		WithCA(f.CAURL, f.CARoots),
 		WithResolver(f.Resolver()),
 		WithStorage(storage.Memory()),
+		withClock(clk),
 	))...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	sub, err := h.EventBus().Subscribe(new(EvtIssuanceFailed))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Close()
 
-	time.Sleep(300 * time.Millisecond)
+	clk.WaitParked(t, 30*time.Second)
 	if s := f.Stats(); s.Health != 0 || s.Challenge != 0 {
 		t.Fatalf("broker contacted before the host was reachable: %+v", s)
+	}
+	if n := len(clk.Waits()); n < 3 {
+		t.Fatalf("%d re-checks in an hour of waiting, want several", n)
 	}
 
 	em, err := h.EventBus().Emitter(new(event.EvtHostReachableAddrsChanged))
@@ -126,14 +130,8 @@ func TestReachabilityGate(t *testing.T) {
 	}
 	// The gate opens: the health check passes, and the registration fails
 	// cleanly because this loopback host has no public address to offer.
-	select {
-	case e := <-sub.Out():
-		ev := e.(EvtIssuanceFailed)
-		if !strings.Contains(ev.Err.Error(), "no public address") {
-			t.Fatalf("failure %v, want the missing public address named", ev.Err)
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatal("the gate did not open")
+	if ev := fails.last(t); !strings.Contains(ev.Err.Error(), "no public address") {
+		t.Fatalf("failure %v, want the missing public address named", ev.Err)
 	}
 	if s := f.Stats(); s.Health != 1 || s.Challenge != 0 {
 		t.Fatalf("after the gate: %+v; want one health check and no registration", s)

@@ -270,18 +270,20 @@ func TestNoGoroutineOutlivesHost(t *testing.T) {
 			})
 			defer f.SetBrokerFault(nil)
 		}
-		h, err := libp2p.New(append(f.HostOptions(), Option(forgeOpts(f, WithStorage(storage.Memory()))...))...)
+		fails := &failureLog{}
+		h, err := libp2p.New(append(f.HostOptions(), fails.option(t), Option(forgeOpts(f, WithStorage(storage.Memory()))...))...)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if fault {
-			time.Sleep(200 * time.Millisecond) // let it fail and back off
+			fails.last(t) // it failed, and backs off
 		} else {
 			waitCert(t, h, 30*time.Second)
 		}
 		if err := h.Close(); err != nil {
 			t.Fatalf("close: %v", err)
 		}
+		fails.stop()
 	}
 	t.Run("issued", func(t *testing.T) {
 		run(t, false)
