@@ -4,6 +4,7 @@ package autotls
 // certificate, and the restart that follows.
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
 	"encoding/json"
@@ -13,7 +14,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -30,18 +33,87 @@ const crashEnv = "AUTOTLS_TEST_CRASH_CHILD"
 type crashSetup struct {
 	Domain, BrokerURL, CAURL, DNSAddr, Dir string
 	CARootPEM, Key                         []byte
+	// Now, if not zero, starts the child on a fake clock reading Now,
+	// with no horizon; else it runs on the real clock.
+	Now time.Time
+	// CrashOn is the end of the key of the site file whose Store crashes
+	// the child; empty: the first site file stored.
+	CrashOn string
 }
 
 // crashingStorage stores like its Storage until asked to store a site's
-// certificate, key or metadata: then the process exits at once, as if it
-// had been killed after the CA issued and before anything was saved.
-type crashingStorage struct{ certmagic.Storage }
+// certificate, key or metadata whose key ends with suffix: then the
+// process exits at once, as if it had been killed there.
+type crashingStorage struct {
+	certmagic.Storage
+	suffix string
+}
 
 func (s crashingStorage) Store(ctx context.Context, key string, value []byte) error {
-	if strings.HasPrefix(key, "certificates/") {
+	if strings.HasPrefix(key, "certificates/") && strings.HasSuffix(key, s.suffix) {
 		os.Exit(3)
 	}
 	return s.Storage.Store(ctx, key, value)
+}
+
+// runCrashChild runs TestFaultCrashChild in a child process with setup,
+// and fails the test unless it crashed where it should (exit status 3).
+func runCrashChild(t *testing.T, setup crashSetup) {
+	t.Helper()
+	raw, err := json.Marshal(setup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.CommandContext(t.Context(), os.Args[0], "-test.run=^TestFaultCrashChild$", "-test.count=1")
+	cmd.Env = append(os.Environ(), crashEnv+"="+string(raw))
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 3 {
+		t.Fatalf("the child did not crash where it should (%v):\n%s", err, out)
+	}
+}
+
+// pendingGlob matches the pending orders stored in dir.
+func pendingGlob(dir string) string {
+	return filepath.Join(dir, "autotls", "acme", "*", "pending", "*.json")
+}
+
+// lockProbe is a storage.Dir store that notes, each time the lock is
+// asked for, what the lock file held and whether the lock was free at
+// once (TryLock), before it waits for it.
+type lockProbe struct {
+	certmagic.Storage
+	file string
+
+	mu   sync.Mutex
+	seen []lockSeen
+}
+
+type lockSeen struct {
+	content []byte // the lock file's; nil if there was none
+	atOnce  bool
+}
+
+func (p *lockProbe) Lock(ctx context.Context, name string) error {
+	content, _ := os.ReadFile(p.file)
+	var ok bool
+	var err error
+	if tl, can := p.Storage.(certmagic.TryLocker); can {
+		ok, err = tl.TryLock(ctx, name)
+	}
+	p.mu.Lock()
+	p.seen = append(p.seen, lockSeen{content, ok})
+	p.mu.Unlock()
+	if err != nil || ok {
+		return err
+	}
+	return p.Storage.Lock(ctx, name)
+}
+
+func (p *lockProbe) calls() []lockSeen {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.seen)
 }
 
 // TestFaultCrashChild is the process TestFaultCrashRestart kills: it is
@@ -69,12 +141,16 @@ func TestFaultCrashChild(t *testing.T) {
 		var d net.Dialer
 		return d.DialContext(ctx, network, s.DNSAddr)
 	}}
+	opts := []Opt{WithForgeDomain(s.Domain), WithRegistrationEndpoint(s.BrokerURL), WithCA(s.CAURL, roots),
+		WithAllowPrivateAddrs(), WithResolver(resolver), WithStorage(crashingStorage{st, s.CrashOn})}
+	if !s.Now.IsZero() {
+		opts = append(opts, withClock(newFakeClock(s.Now)))
+	}
 	h, err := libp2p.New(
 		libp2p.Identity(key),
 		libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"),
 		libp2p.ConnectionGater(testforge.LoopbackGater()),
-		Option(WithForgeDomain(s.Domain), WithRegistrationEndpoint(s.BrokerURL), WithCA(s.CAURL, roots),
-			WithAllowPrivateAddrs(), WithResolver(resolver), WithStorage(crashingStorage{st})),
+		Option(opts...),
 	)
 	if err != nil {
 		t.Fatal(err)
@@ -88,11 +164,13 @@ func TestFaultCrashChild(t *testing.T) {
 // certificate and storing it (a real crash: a child process exits inside
 // the storage write, leaving its lock file behind). On restart with the
 // same identity and storage, the host gets the certificate the CA issued
-// before the crash: the pending order (its key and URL, pending.go) is
-// taken up, so there is no new account, order, registration, validation or
-// finalization, and so no second certificate counting against the CA's
-// limit on the name. The pending order is deleted once the certificate is
-// stored.
+// before the crash: the pending order (its key, its order and the chain,
+// store.go) completes the write, so there is no new account, order,
+// registration, validation or finalization, and so no second certificate
+// counting against the CA's limit on the name. The pending order is
+// deleted once the certificate is stored. The lock the child died holding
+// is free at once for the restarted host's next issuance, its file still
+// in place.
 func TestFaultCrashRestart(t *testing.T) {
 	f := startForge(t, testforge.Config{AuthzReusePercent: 100})
 	ca := startCAProxy(t, f)
@@ -102,24 +180,13 @@ func TestFaultCrashRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := filepath.Join(t.TempDir(), "store")
-	setup, err := json.Marshal(crashSetup{Domain: f.Domain, BrokerURL: f.BrokerURL, CAURL: ca.URL, DNSAddr: f.DNSAddr, Dir: dir, CARootPEM: ca.RootPEM, Key: rawKey})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.CommandContext(t.Context(), os.Args[0], "-test.run=^TestFaultCrashChild$", "-test.count=1")
-	cmd.Env = append(os.Environ(), crashEnv+"="+string(setup))
-	out, err := cmd.CombinedOutput()
-	var exit *exec.ExitError
-	if !errors.As(err, &exit) || exit.ExitCode() != 3 {
-		t.Fatalf("the child did not crash where it should (%v):\n%s", err, out)
-	}
+	runCrashChild(t, crashSetup{Domain: f.Domain, BrokerURL: f.BrokerURL, CAURL: ca.URL, DNSAddr: f.DNSAddr, Dir: dir, CARootPEM: ca.RootPEM, Key: rawKey})
 	id := idOf(t, key)
 	s := filesFor(dir, f, ca.URL, id)
 	if _, err := os.Stat(s.cert); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("a certificate was stored before the crash: %v", err)
 	}
-	pendingGlob := filepath.Join(dir, "autotls", "acme", "*", "pending", "*.json")
-	if pending, _ := filepath.Glob(pendingGlob); len(pending) != 1 {
+	if pending, _ := filepath.Glob(pendingGlob(dir)); len(pending) != 1 {
 		t.Fatalf("the crash left %d pending orders, want 1", len(pending))
 	}
 	crashed := ca.Requests()
@@ -132,6 +199,7 @@ func TestFaultCrashRestart(t *testing.T) {
 	}
 	// The lock file stays, but the lock died with its holder: the restart
 	// takes it at once (storage.Dir locks with flock).
+	childLock := mustRead(t, lock)
 
 	leaks := leakCheck(t)
 	before := f.Stats()
@@ -139,11 +207,12 @@ func TestFaultCrashRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	probe := &lockProbe{Storage: st, file: lock}
 	clk := newClockAtNow()
 	clk.SetHorizon(clk.Now().Add(time.Minute))
-	r := startRig(t, f, clk, []libp2p.Option{libp2p.Identity(key)}, nil, WithStorage(st), WithCA(ca.URL, ca.Roots))
+	r := startRig(t, f, clk, []libp2p.Option{libp2p.Identity(key)}, nil, WithStorage(probe), WithCA(ca.URL, ca.Roots))
 	r.closers = append(r.closers, ca.Close)
-	r.waitLoaded(t)
+	served := r.waitLoaded(t)
 	after := ca.Requests()[len(crashed):]
 	got := map[string]int{
 		"new accounts":  count(after, http.MethodPost, "/sign-me-up"),
@@ -162,9 +231,28 @@ func TestFaultCrashRestart(t *testing.T) {
 		}
 	}
 	t.Logf("restart after the crash: %v, %d CA requests", got, len(after))
-	pending, err := filepath.Glob(pendingGlob)
+	pending, err := filepath.Glob(pendingGlob(dir))
 	if err != nil || len(pending) != 0 {
 		t.Errorf("the pending order outlived the stored certificate: %v %v", pending, err)
+	}
+
+	// The next issuance takes the lock that the child died holding, with
+	// its file still there: at once, with no failed attempt.
+	r.kick(t)
+	r.waitRenewed(t, served)
+	switch seen := probe.calls(); {
+	case len(seen) != 1:
+		t.Errorf("the lock was asked for %d times, want once", len(seen))
+	case !bytes.Equal(seen[0].content, childLock):
+		t.Errorf("the lock file held %q when the lock was taken, not the crashed child's %q", seen[0].content, childLock)
+	case !seen[0].atOnce:
+		t.Error("the lock the crashed child held was not free at once")
+	}
+	if w := r.retries(); len(w) != 0 {
+		t.Errorf("failed attempts after the restart, retried after %v:\n%s", w, r.logs)
+	}
+	if w := warnings(r); len(w) != 0 {
+		t.Errorf("warnings after the restart:\n%s", r.logs)
 	}
 	pingOverTCP(t, f, r.h)
 	r.closeAndCheck(t, leaks)
