@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -256,4 +257,136 @@ func TestFaultCrashRestart(t *testing.T) {
 	}
 	pingOverTCP(t, f, r.h)
 	r.closeAndCheck(t, leaks)
+}
+
+// TestFaultCrashRenewal: a process is killed while it stores a renewed
+// certificate, after the new key was written and before the certificate
+// (a real crash: a child process that started from a valid stored
+// certificate, renewed it at once on a clock past its renewal time, and
+// exits inside the Store of the .crt file). Storage then holds the new
+// key beside the old certificate. On restart with the same identity and
+// storage, on the real clock, the host serves at once, from storage, the
+// NEW certificate, the one the child downloaded (its chain is in the
+// pending order); storage holds a consistent pair again; the pending order
+// is gone; and the restart costs no request to the CA, the broker or DNS,
+// and no warning.
+func TestFaultCrashRenewal(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	ca := startCAProxy(t, f)
+	key := genKey(t, crypto.Ed25519)
+	rawKey, err := crypto.MarshalPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := idOf(t, key)
+	name := certName(id, f.Domain)
+	dir := filepath.Join(t.TempDir(), "store")
+	s := filesFor(dir, f, ca.URL, id)
+
+	// The certificate the child renews, issued through the same CA.
+	st, err := storage.Dir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := newHost(t, f, []libp2p.Option{libp2p.Identity(key)}, WithStorage(st), WithCA(ca.URL, ca.Roots))
+	waitCert(t, first, 30*time.Second)
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	oldCert, oldKey := mustRead(t, s.cert), mustRead(t, s.key)
+	old, err := checkCert(oldCert, oldKey, name, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	runCrashChild(t, crashSetup{Domain: f.Domain, BrokerURL: f.BrokerURL, CAURL: ca.URL, DNSAddr: f.DNSAddr, Dir: dir,
+		CARootPEM: ca.RootPEM, Key: rawKey, Now: renewAt(old.leaf).Add(time.Minute), CrashOn: ".crt"})
+	// The crash came where it should: the new key beside the old
+	// certificate.
+	if !bytes.Equal(mustRead(t, s.cert), oldCert) {
+		t.Fatal("the child stored its certificate before crashing")
+	}
+	if bytes.Equal(mustRead(t, s.key), oldKey) {
+		t.Fatal("the child crashed before storing the new key")
+	}
+	if _, err := checkCert(mustRead(t, s.cert), mustRead(t, s.key), name, time.Now()); err == nil {
+		t.Fatal("storage holds a consistent pair after the crash: the crash came elsewhere")
+	}
+	pending, err := filepath.Glob(pendingGlob(dir))
+	if err != nil || len(pending) != 1 {
+		t.Fatalf("the crash left pending orders %v (%v), want 1", pending, err)
+	}
+	var po pendingOrder
+	if err := json.Unmarshal(mustRead(t, pending[0]), &po); err != nil {
+		t.Fatal(err)
+	}
+	downloaded, err := checkCert([]byte(po.Chain), []byte(po.KeyPEM), name, time.Now())
+	if err != nil {
+		t.Fatalf("the pending order holds no usable chain: %v", err)
+	}
+	if downloaded.leaf.Equal(old.leaf) {
+		t.Fatal("the child downloaded the certificate it was renewing")
+	}
+
+	// The restart, on the real clock.
+	leaks := leakCheck(t)
+	before, caBefore := f.Stats(), len(ca.Requests())
+	logs := &logCapture{}
+	st, err = storage.Dir(dir, storage.WithLogger(logs.logger()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m *manager
+	h := newHost(t, f, []libp2p.Option{libp2p.Identity(key)}, WithStorage(st), WithCA(ca.URL, ca.Roots),
+		WithLogger(logs.logger()), withManager(func(x *manager) { m = x }))
+	// Served before the host's start returned.
+	c := m.cert.Load()
+	if c == nil || len(browserAddrs(h, f.Domain)) == 0 {
+		t.Fatalf("no certificate served, or no browser address, once the host started:\n%s", logs)
+	}
+	if ev := waitCert(t, h, 5*time.Second); ev.Source != FromStorage {
+		t.Errorf("certificate event %+v, want Source %q", ev, FromStorage)
+	}
+	if c.leaf.SerialNumber.Cmp(downloaded.leaf.SerialNumber) != 0 {
+		t.Fatalf("serving serial %v, want the renewed %v (the old one is %v)", c.leaf.SerialNumber, downloaded.leaf.SerialNumber, old.leaf.SerialNumber)
+	}
+	r := &faultRig{f: f, h: h, m: m, logs: logs}
+	if got := servedSerial(t, r); got != c.leaf.SerialNumber.String() {
+		t.Errorf("the WSS listener serves serial %q, want %v", got, c.leaf.SerialNumber)
+	}
+	stored, err := checkCert(mustRead(t, s.cert), mustRead(t, s.key), name, time.Now())
+	if err != nil {
+		t.Fatalf("storage does not hold a consistent pair after the restart: %v", err)
+	}
+	if !stored.leaf.Equal(downloaded.leaf) {
+		t.Errorf("storage holds serial %v, want the renewed %v", stored.leaf.SerialNumber, downloaded.leaf.SerialNumber)
+	}
+	if pending, err := filepath.Glob(pendingGlob(dir)); err != nil || len(pending) != 0 {
+		t.Errorf("the pending order outlived the stored certificate: %v %v", pending, err)
+	}
+	pingOverTCP(t, f, h)
+	r.close(t)
+
+	// Counted once the host is closed: nothing it did is left out.
+	after := f.Stats()
+	got := map[string]int{
+		"CA (through the proxy)": len(ca.Requests()) - caBefore,
+		"CA (at Pebble)":         after.CA - before.CA,
+		"broker health":          after.Health - before.Health,
+		"broker challenge":       after.Challenge - before.Challenge,
+		"DNS":                    after.DNS - before.DNS,
+	}
+	for k, n := range got {
+		if n != 0 {
+			t.Errorf("restart: %d %s requests, want 0", n, k)
+		}
+	}
+	if w := logs.atLeast(slog.LevelWarn); len(w) != 0 {
+		t.Errorf("warnings at the restart:\n%s", logs)
+	}
+	if !strings.Contains(logs.String(), "completed storing a certificate that an earlier run obtained") {
+		t.Errorf("the log does not say the write was completed:\n%s", logs)
+	}
+	ca.Close()
+	leaks()
 }
