@@ -123,6 +123,24 @@ func TestFaultStorage(t *testing.T) {
 			want:     "certificate chain: ",
 		},
 		{
+			// A torn write: the leaf whole, the file ending halfway
+			// through the intermediate, the key intact. pem.Decode
+			// alone skips the broken block and finds a lone leaf.
+			name: "truncated chain",
+			spoil: func(t *testing.T, s storedFiles, good map[string][]byte) {
+				b := good["cert"]
+				begin := []byte("-----BEGIN CERTIFICATE-----")
+				i := bytes.Index(b[len(begin):], begin) + len(begin)
+				if i < len(begin) {
+					t.Fatal("the stored chain has no intermediate")
+				}
+				end := bytes.Index(b[i:], []byte("-----END CERTIFICATE-----")) + i
+				mustWrite(t, s.cert, b[:i+(end-i)/2])
+			},
+			replaced: true,
+			want:     "certificate chain: block 2 of 2 is truncated",
+		},
+		{
 			name: "certificate for another name",
 			spoil: func(t *testing.T, s storedFiles, _ map[string][]byte) {
 				// A valid pair from the same CA, for another peer's name.
@@ -215,6 +233,9 @@ func TestFaultStorage(t *testing.T) {
 			w := warnings(r)
 			if len(w) == 0 || !strings.Contains(w[0].text, tc.want) {
 				t.Fatalf("warnings do not name the cause (%q):\n%s", tc.want, r.logs)
+			}
+			if tc.replaced && len(w) != 1 {
+				t.Errorf("%d warnings, want 1 (moved aside):\n%s", len(w), r.logs)
 			}
 			t.Logf("the operator reads: %s", w[0].text)
 			pingOverTCP(t, f, r.h)
