@@ -67,7 +67,7 @@ func (s *ariState) next(leaf *x509.Certificate, now time.Time, firstPoll time.Du
 // pollARI asks the CA for leaf's renewal window and picks the renewal time
 // in it.
 func (m *manager) pollARI(ctx context.Context, s *ariState, leaf *x509.Certificate) {
-	ri, err := m.issuer.client.GetRenewalInfo(ctx, leaf)
+	ri, err := m.issuer.renewalInfo(ctx, leaf)
 	now := m.clock.Now()
 	switch {
 	case errors.Is(err, acme.ErrUnsupported):

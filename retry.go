@@ -147,7 +147,7 @@ func classify(err error, now time.Time) failure {
 			sentence: "the stored certificate is not valid yet; check this machine's clock"}
 	case errors.As(err, &se):
 		return failure{kind: kindStorage, key: "storage " + se.op,
-			sentence: "certificate storage failed; check that it is readable and writable"}
+			sentence: "certificate storage failed (" + se.op + "); check that it is readable and writable"}
 	}
 	f := failure{kind: kindOther, key: err.Error(), sentence: "certificate request failed"}
 	caName := "the CA"
