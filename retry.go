@@ -109,6 +109,7 @@ func classify(err error, now time.Time) failure {
 		se   *storageError
 		le   *lockError
 		nyv  *notYetValidError
+		exp  *expiredError
 	)
 	switch {
 	case errors.As(err, &be):
@@ -142,9 +143,9 @@ func classify(err error, now time.Time) failure {
 	case errors.As(err, &le):
 		return failure{kind: kindLock, key: string(kindLock),
 			sentence: "another process holds the storage lock for this certificate; retrying (if no other process shares this storage, a stale lock is in the way)"}
-	case errors.As(err, &nyv):
-		return failure{kind: kindStorage, key: "not yet valid",
-			sentence: "the stored certificate is not valid yet; check this machine's clock"}
+	case errors.As(err, &nyv), errors.As(err, &exp):
+		return failure{kind: kindOther, key: "clock",
+			sentence: "a certificate is not valid at this machine's time; check the clock"}
 	case errors.As(err, &se):
 		return failure{kind: kindStorage, key: "storage " + se.op,
 			sentence: "certificate storage failed (" + se.op + "); check that it is readable and writable"}
