@@ -334,8 +334,8 @@ func TestFaultStorageUnwritable(t *testing.T) {
 
 // TestFaultStorageCorruptAtRenewal: the stored copy of the certificate in
 // use is damaged while the host runs. The certificate in use stays in use
-// until the renewal, which is not stopped by the damaged copy (certmagic
-// renews from the metadata) and overwrites it.
+// until the renewal, which is not stopped by the damaged copy (moved aside
+// when the renewal looks at storage under the lock) and overwrites it.
 func TestFaultStorageCorruptAtRenewal(t *testing.T) {
 	f := startForge(t, testforge.Config{})
 	leaks := leakCheck(t)
@@ -370,11 +370,12 @@ func writeLock(t *testing.T, dir string, f *testforge.Forge, id peer.ID, updated
 // refreshed for twice its 5 s refresh interval.
 const lockStaleAfter = 10 * time.Second
 
-// TestFaultStaleLock: a lock file left by a process that crashed while
-// issuing does not block issuance for ever: certmagic's FileStorage treats
-// it as stale 10 s after its last refresh and takes it over. A lock long
-// dead is taken at once; one that was alive a moment ago is waited for
-// (not broken early), then taken.
+// TestFaultStaleLock: a lock file in certmagic's own format, as an earlier
+// release holds it while issuing (it refreshes the file every 5 s), does
+// not block issuance for ever: storage.Dir judges it as certmagic does,
+// stale 10 s after its last refresh, and takes it over. A lock long dead is
+// taken at once; one that was alive a moment ago is waited for (not broken
+// early), then taken.
 func TestFaultStaleLock(t *testing.T) {
 	f := startForge(t, testforge.Config{})
 	for _, tc := range []struct {

@@ -168,6 +168,7 @@ type runState struct {
 	attempt int       // consecutive failures
 	retryAt time.Time // no attempt before
 	lastKey string    // classify key of the failure said last
+	last    failureKind
 	ari     ariState
 }
 
@@ -179,8 +180,9 @@ func (m *manager) run(loadErr error) {
 	var st runState
 	if m.cert.Load() == nil {
 		if loadErr != nil && !errors.Is(loadErr, fs.ErrNotExist) {
-			m.log.Warn("stored certificate could not be read; retrying, without requesting a new one while the stored one may be valid", "err", loadErr)
-			st.lastKey = classify(loadErr, m.clock.Now()).key
+			f := classify(loadErr, m.clock.Now())
+			m.log.Warn(f.sentence+"; no new certificate is requested while the stored one may be valid", "kind", string(f.kind), "err", loadErr)
+			st.lastKey = f.key
 		}
 		if !m.waitGates(ctx, &st) {
 			return
@@ -202,16 +204,29 @@ func (m *manager) run(loadErr error) {
 			m.pollARI(ctx, &st.ari, cur.leaf)
 			continue
 		}
-		err := m.obtain(ctx)
+		err := m.attempt(ctx, st.attempt > 0 && st.last == kindBroker)
 		if ctx.Err() != nil {
 			return
 		}
 		if err == nil {
-			st.attempt, st.retryAt, st.lastKey = 0, time.Time{}, ""
+			st.attempt, st.retryAt, st.lastKey, st.last = 0, time.Time{}, "", ""
 			continue
 		}
 		st.retryAt = m.clock.Now().Add(m.fail(ctx, &st, err))
 	}
+}
+
+// attempt obtains or renews the certificate. When checkBroker is set (the
+// broker failed last time) the broker's health is checked first: an order
+// the broker cannot serve would cost the CA an order and an authorization
+// for nothing.
+func (m *manager) attempt(ctx context.Context, checkBroker bool) error {
+	if checkBroker {
+		if err := m.broker.health(ctx); err != nil {
+			return err
+		}
+	}
+	return m.obtain(ctx)
 }
 
 // fail says a failed attempt: one warning per distinct failure (a repeat
@@ -226,7 +241,7 @@ func (m *manager) fail(ctx context.Context, st *runState, err error) time.Durati
 	if f.key == st.lastKey {
 		level = slog.LevelDebug
 	}
-	st.lastKey = f.key
+	st.lastKey, st.last = f.key, f.kind
 	renewal := m.cert.Load() != nil
 	m.log.Log(ctx, level, f.sentence, "kind", string(f.kind), "renewal", renewal, "attempt", st.attempt, "retry_in", delay.Round(time.Millisecond), "err", err)
 	_ = m.emFailed.Emit(EvtIssuanceFailed{Err: err, Attempt: st.attempt, NextRetry: now.Add(delay), Renewal: renewal})

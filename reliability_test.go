@@ -303,11 +303,7 @@ func TestReliabilityDay(t *testing.T) {
 			fault: func(t *testing.T, e *dayEnv) func() {
 				return replaceDirWithFile(t, e.storeDir)
 			},
-			// Two warnings, where the policy wants one: the storage read
-			// at start ("stored certificate could not be read") and the
-			// first attempt's lock ("certificate storage failed") are
-			// keyed apart by classify (docs/reliability.md, Known limits).
-			warnings:   2,
+			warnings:   1,
 			checkWaits: checkBackoff, noCA: true,
 			recover: retryCap, bound: capBound,
 		},

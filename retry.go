@@ -113,7 +113,9 @@ func classify(err error, now time.Time) failure {
 	)
 	switch {
 	case errors.As(err, &be):
-		f := failure{kind: kindBroker, key: fmt.Sprintf("broker %s %d", be.Op, be.StatusCode)}
+		// Keyed by status, not by call: a broker down at registration
+		// stays down at the health check that follows.
+		f := failure{kind: kindBroker, key: fmt.Sprintf("broker %d", be.StatusCode)}
 		if be.RetryAfter > 0 {
 			f.retryAt = now.Add(be.RetryAfter)
 		}
@@ -147,7 +149,7 @@ func classify(err error, now time.Time) failure {
 		return failure{kind: kindOther, key: "clock",
 			sentence: "a certificate is not valid at this machine's time; check the clock"}
 	case errors.As(err, &se):
-		return failure{kind: kindStorage, key: "storage " + se.op,
+		return failure{kind: kindStorage, key: string(kindStorage),
 			sentence: "certificate storage failed (" + se.op + "); check that it is readable and writable"}
 	}
 	f := failure{kind: kindOther, key: err.Error(), sentence: "certificate request failed"}
@@ -169,9 +171,12 @@ func classify(err error, now time.Time) failure {
 		case prob.Type == acme.ProblemTypeRateLimited || prob.Status == http.StatusTooManyRequests:
 			f.kind = kindRateLimited
 			f.sentence = "certificate request refused by the CA: rate limited; retrying at the time it gave"
-		case prob.Status >= 500 || prob.Type == acme.ProblemTypeServerInternal:
+		case prob.Status >= 500 || prob.Type == acme.ProblemTypeServerInternal || prob.Type == acme.ProblemTypeBadNonce:
 			f.sentence = caName + " is failing; retrying"
 		default:
+			// A refusal (rejectedIdentifier, badCSR, unauthorized...):
+			// retrying soon would meet it again.
+			f.permanent = true
 			f.sentence = "certificate request refused by the CA"
 		}
 	}

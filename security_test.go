@@ -535,8 +535,8 @@ func TestSecurityKeyFilePermissions(t *testing.T) {
 
 // TestSecurityAccessTokenNotLogged: with a forge that requires an access
 // token, a host with a wrong token fails (403) and a host with the right
-// one succeeds; with the logger at debug level (certmagic's and acmez's
-// lines included), neither token appears in any log line or failure event,
+// one succeeds; with the logger at debug level (acmez's lines included),
+// neither token appears in any log line or failure event,
 // not even when the broker echoes the token back in its error body.
 func TestSecurityAccessTokenNotLogged(t *testing.T) {
 	t.Parallel()
