@@ -1,7 +1,8 @@
 package autotls
 
-// Fault tests of the broker: transient failures, Retry-After, a failed
-// dial-back, refusals, garbage, and a day of outage. Each drives the real
+// Fault tests of the broker: transient failures, Retry-After, garbage,
+// and a day of outage (refusals that need a change first, such as a failed
+// dial-back, are in faults_broker_refusal_test.go). Each drives the real
 // components (Pebble, the test broker with its libp2p dial-back, the
 // forge's DNS, real libp2p hosts) into one fault and checks what an
 // operator running this unattended relies on: one clear log line, a
@@ -17,7 +18,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -27,8 +27,6 @@ import (
 	"unicode"
 	"unicode/utf8"
 
-	"github.com/libp2p/go-libp2p"
-	ma "github.com/multiformats/go-multiaddr"
 	"github.com/p2ptls/autotls/internal/testforge"
 	"github.com/p2ptls/autotls/storage"
 )
@@ -212,143 +210,6 @@ func TestFaultBrokerRetryAfter(t *testing.T) {
 			}
 		}
 	}
-}
-
-// deadTCPAddr returns a loopback TCP address on which nothing listens.
-func deadTCPAddr(t *testing.T) ma.Multiaddr {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	return ma.StringCast(fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", port))
-}
-
-// TestFaultBrokerUnreachable: the broker's real dial-back fails (the host
-// announces an address nothing listens on, as behind a closed port), so
-// it answers 400 "error testing addresses". The warning says the node is
-// not reachable from outside and what to check; retries are no sooner
-// than unreachableFloor apart, jitter included, never the seconds of the
-// transient backoff; once the address is right, the next retry succeeds.
-func TestFaultBrokerUnreachable(t *testing.T) {
-	f := startForge(t, testforge.Config{})
-	leaks := leakCheck(t)
-	dead := deadTCPAddr(t)
-	var closed atomic.Bool
-	closed.Store(true)
-	factory := func(in []ma.Multiaddr) []ma.Multiaddr {
-		if closed.Load() {
-			return []ma.Multiaddr{dead}
-		}
-		return in
-	}
-	clk := newClockAtNow()
-	clk.SetHorizon(clk.Now().Add(2 * time.Hour))
-	r := startRig(t, f, clk, []libp2p.Option{libp2p.AddrsFactory(factory)}, nil, WithStorage(storage.Memory()))
-	clk.WaitParked(t, 30*time.Second)
-
-	ev := r.fails.last(t)
-	var be *BrokerError
-	if !errors.As(ev.Err, &be) || !be.Unreachable() || !strings.Contains(be.Body, "error testing addresses") {
-		t.Fatalf("failure %v, want the broker's 400 \"error testing addresses\"", ev.Err)
-	}
-	waits := r.retries()
-	for i, w := range waits {
-		if w < unreachableFloor {
-			t.Errorf("retry %d after %v: a tight retry cannot help an unreachable node (want ≥ %v)", i+1, w, unreachableFloor)
-		}
-	}
-	if len(waits) > int(2*time.Hour/unreachableFloor)+1 {
-		t.Errorf("%d attempts in 2 h", len(waits))
-	}
-	w := warnings(r)
-	if len(w) != 1 {
-		t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
-	}
-	t.Logf("the operator reads: %s", w[0].text)
-	for _, want := range []string{"dial this node back", "reachable from the internet", "port forwarding", "firewall", "error testing addresses"} {
-		if !strings.Contains(w[0].text, want) {
-			t.Errorf("the warning does not say %q", want)
-		}
-	}
-	pingOverTCP(t, f, r.h)
-
-	closed.Store(false) // the port is forwarded now
-	clk.SetHorizon(clk.Now().Add(retryCap))
-	r.waitLoaded(t)
-	r.closeAndCheck(t, leaks)
-}
-
-// TestFaultBrokerForbidden: a 403 (a missing or wrong access token, or an
-// address on the broker's denylist) is not retried soon: the warning says
-// refused, 403, and to check the token or the denylist; the next attempt
-// is hours away (retryMax with jitter), so a day costs a handful of
-// requests; a host restarted with the right token succeeds.
-func TestFaultBrokerForbidden(t *testing.T) {
-	const token = "tok-7d1e-correct-horse"
-	f := startForge(t, testforge.Config{AccessToken: token})
-	for _, tc := range []struct {
-		name  string
-		opts  []Opt
-		fault func(w http.ResponseWriter, r *http.Request) bool
-	}{
-		{name: "missing token"},
-		{name: "wrong token", opts: []Opt{WithAccessToken("tok-wrong-battery-staple")}},
-		// The test broker has no denylist (its checks are the public
-		// broker's otherwise): a fake answer with the public broker's
-		// status and body (protocol §2.4 step 9).
-		{name: "denylisted", opts: []Opt{WithAccessToken(token)}, fault: func(w http.ResponseWriter, r *http.Request) bool {
-			if r.URL.Path != registerPath {
-				return false
-			}
-			http.Error(w, "403 Forbidden: client IP 127.0.0.1 blocked by spamhaus-drop", http.StatusForbidden)
-			return true
-		}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			leaks := leakCheck(t)
-			f.SetBrokerFault(tc.fault)
-			defer f.SetBrokerFault(nil)
-			before := f.Stats()
-			clk := newClockAtNow()
-			clk.SetHorizon(clk.Now().Add(24 * time.Hour))
-			r := startRig(t, f, clk, nil, nil, append(tc.opts, WithStorage(storage.Memory()))...)
-			clk.WaitParked(t, 30*time.Second)
-
-			waits := r.retries()
-			for i, w := range waits {
-				if w < retryCap*9/10 {
-					t.Errorf("retry %d after %v; a refusal needs a change first (want ≥ %v)", i+1, w, retryCap*9/10)
-				}
-			}
-			used := f.Stats()
-			reqs := used.Health + used.Challenge - before.Health - before.Challenge
-			t.Logf("a day of 403s: %d attempts, %d broker requests", len(waits), reqs)
-			if len(waits) > 9 {
-				t.Errorf("%d attempts in a day", len(waits))
-			}
-			w := warnings(r)
-			if len(w) != 1 {
-				t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
-			}
-			t.Logf("the operator reads: %s", w[0].text)
-			for _, want := range []string{"refused", "403", "access token", "denylisted"} {
-				if !strings.Contains(w[0].text, want) {
-					t.Errorf("the warning does not say %q", want)
-				}
-			}
-			pingOverTCP(t, f, r.h)
-			r.closeAndCheck(t, leaks)
-		})
-	}
-	t.Run("restart with the token", func(t *testing.T) {
-		leaks := leakCheck(t)
-		r := startRig(t, f, newClockAtNow(), nil, nil, WithAccessToken(token), WithStorage(storage.Memory()))
-		r.waitLoaded(t)
-		r.closeAndCheck(t, leaks)
-	})
 }
 
 // TestFaultBrokerGarbage: what a broker (or a proxy in front of it) may
