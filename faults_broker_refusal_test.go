@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -159,4 +160,98 @@ func TestFaultBrokerForbidden(t *testing.T) {
 		r.waitLoaded(t)
 		r.closeAndCheck(t, leaks)
 	})
+}
+
+// TestFaultBrokerRedirect: a broker (or a proxy in front of it) that
+// answers 302 or 307 with a Location on another loopback server, on the
+// health check, on the registration's first request, or only on the
+// request that completes the PeerID handshake (the one carrying the
+// node's signature). The redirect is never followed: the other server
+// receives nothing at all, so neither the access token nor a PeerID-auth
+// header can reach it. Only a change of configuration can help, so the
+// one warning says what to set (WithRegistrationEndpoint), and each next
+// attempt comes hours later (the cap, with jitter), as the redirected
+// requests' times on the fake clock show. No certificate is served.
+func TestFaultBrokerRedirect(t *testing.T) {
+	const token = "tok-5c2e-follow-me-not"
+	f := startForge(t, testforge.Config{AccessToken: token})
+	for _, status := range []int{http.StatusFound, http.StatusTemporaryRedirect} {
+		for _, place := range []struct {
+			name string
+			path string
+			// signed: only the request carrying the node's handshake
+			// signature is redirected.
+			signed bool
+		}{
+			{"health", healthPath, false},
+			{"registration", registerPath, false},
+			{"registration, completing the handshake", registerPath, true},
+		} {
+			t.Run(fmt.Sprintf("%d on %s", status, place.name), func(t *testing.T) {
+				target, targetLog := newRedirectTarget(t, false) // before the leak check: it outlives the host
+				leaks := leakCheck(t)
+				clk := newClockAtNow()
+				var mu sync.Mutex
+				var at []time.Time // fake time of each redirected request
+				f.SetBrokerFault(func(w http.ResponseWriter, r *http.Request) bool {
+					if r.URL.Path != place.path || place.signed && !strings.Contains(r.Header.Get("Authorization"), "sig=") {
+						return false
+					}
+					mu.Lock()
+					at = append(at, clk.Now())
+					mu.Unlock()
+					http.Redirect(w, r, target.URL+r.URL.Path, status)
+					return true
+				})
+				defer f.SetBrokerFault(nil)
+				clk.SetHorizon(clk.Now().Add(24 * time.Hour))
+				r := startRig(t, f, clk, nil, nil, WithAccessToken(token), WithStorage(storage.Memory()))
+				clk.WaitParked(t, 30*time.Second)
+
+				if got := targetLog.all(); len(got) != 0 {
+					t.Fatalf("the redirect was followed: the other server received %d requests, the first:\n%s", len(got), got[0])
+				}
+				var be *BrokerError
+				if ev := r.fails.last(t); !errors.As(ev.Err, &be) || be.StatusCode != status || be.Location != target.URL+place.path {
+					t.Fatalf("failure %v, want a BrokerError with status %d naming the Location on %s", ev.Err, status, target.URL)
+				}
+				if r.m.cert.Load() != nil {
+					t.Fatal("a certificate is served although every registration was redirected")
+				}
+
+				waits := r.retries()
+				mu.Lock()
+				redirected := append([]time.Time(nil), at...)
+				mu.Unlock()
+				t.Logf("a day of redirects: %d attempts, waits %v", len(waits), waits)
+				if len(waits) == 0 || len(redirected) != len(waits) {
+					t.Fatalf("%d redirected requests for %d failed attempts, want one each", len(redirected), len(waits))
+				}
+				for i, w := range waits {
+					if w < retryCap*9/10 {
+						t.Errorf("retry %d after %v; a redirect needs a change first (want ≥ %v)", i+1, w, retryCap*9/10)
+					}
+				}
+				for i := 1; i < len(redirected); i++ {
+					if gap := redirected[i].Sub(redirected[i-1]); gap < retryCap*9/10 {
+						t.Errorf("redirected request %d came %v after the one before, want ≥ %v", i+1, gap, retryCap*9/10)
+					}
+				}
+
+				w := warnings(r)
+				if len(w) != 1 {
+					t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
+				}
+				t.Logf("the operator reads: %s", w[0].text)
+				if !strings.Contains(w[0].text, "WithRegistrationEndpoint") {
+					t.Error("the warning does not say to set WithRegistrationEndpoint")
+				}
+				if strings.Contains(r.logs.String(), token) {
+					t.Error("the access token was logged")
+				}
+				pingOverTCP(t, f, r.h)
+				r.closeAndCheck(t, leaks)
+			})
+		}
+	}
 }

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -133,6 +134,77 @@ func TestFaultBrokerTransient(t *testing.T) {
 				t.Error("the WSS listener does not serve the certificate obtained after the outage")
 			}
 			pingOverTCP(t, f, r.h)
+			r.closeAndCheck(t, leaks)
+		})
+	}
+}
+
+// TestFaultBrokerBlip: a broker that fails twice in a row (503, no
+// Retry-After) and then answers costs seconds: the certificate comes after
+// two retries whose waits, as the manager logged them, add up to 30 s at
+// most, and the third request to the faulty path comes that long after
+// the first on the fake clock. The 503 comes on the health check, on the
+// registration's first request, or only on the request that completes
+// the PeerID handshake (as a proxy in front of the broker would send it).
+func TestFaultBrokerBlip(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	for _, tc := range []struct {
+		name string
+		path string
+		// signed: only the request carrying the node's handshake
+		// signature fails.
+		signed bool
+	}{
+		{"health", healthPath, false},
+		{"registration", registerPath, false},
+		{"registration, completing the handshake", registerPath, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			leaks := leakCheck(t)
+			clk := newClockAtNow()
+			clk.SetHorizon(clk.Now().Add(time.Minute)) // before the first ARI poll can be due
+			var mu sync.Mutex
+			var at []time.Time // fake time of each request on the path
+			f.SetBrokerFault(func(w http.ResponseWriter, r *http.Request) bool {
+				if r.URL.Path != tc.path || tc.signed && !strings.Contains(r.Header.Get("Authorization"), "sig=") {
+					return false
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				at = append(at, clk.Now())
+				if len(at) > 2 {
+					return false
+				}
+				http.Error(w, "upstream connect error or disconnect/reset before headers", http.StatusServiceUnavailable)
+				return true
+			})
+			defer f.SetBrokerFault(nil)
+			r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()))
+			clk.WaitParked(t, 30*time.Second)
+			if r.m.cert.Load() == nil {
+				t.Fatalf("no certificate a minute after two 503s; log:\n%s", r.logs)
+			}
+
+			waits := r.retries()
+			if len(waits) != 2 {
+				t.Fatalf("%d retries, want 2; log:\n%s", len(waits), r.logs)
+			}
+			checkBackoff(t, waits)
+			if sum := waits[0] + waits[1]; sum > 30*time.Second {
+				t.Errorf("retried after %v and %v: %v for a blip, want ≤ 30 s", waits[0], waits[1], sum)
+			}
+			mu.Lock()
+			got := slices.Clone(at)
+			mu.Unlock()
+			if len(got) < 3 {
+				t.Fatalf("%d requests to the faulty path, want 2 refused, then served", len(got))
+			}
+			if d := got[2].Sub(got[0]); d > 30*time.Second {
+				t.Errorf("the broker was asked again %v after the first 503, want ≤ 30 s", d)
+			}
+			if w := warnings(r); len(w) != 1 {
+				t.Errorf("%d warnings, want 1:\n%s", len(w), r.logs)
+			}
 			r.closeAndCheck(t, leaks)
 		})
 	}
