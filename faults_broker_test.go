@@ -210,6 +210,75 @@ func TestFaultBrokerBlip(t *testing.T) {
 	}
 }
 
+// TestIssuanceFailedNotStateful: EvtIssuanceFailed is a happening, not
+// state. After a failure (a 503 on the health check) and a later success,
+// a new subscriber to it receives no failure, while a new subscriber to
+// EvtCertificateLoaded receives the certificate in use with none being
+// loaded. The bus replays a stateful event from a goroutine, not within
+// Subscribe, but always before anything emitted after the subscription:
+// so the absence is proved by a marker the test emits, which must be the
+// first event the subscriber gets.
+func TestIssuanceFailedNotStateful(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	leaks := leakCheck(t)
+	var failed atomic.Bool
+	f.SetBrokerFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.URL.Path != healthPath || failed.Swap(true) {
+			return false
+		}
+		http.Error(w, "maintenance", http.StatusServiceUnavailable)
+		return true
+	})
+	defer f.SetBrokerFault(nil)
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(time.Minute)) // before the first ARI poll can be due
+	r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()))
+	served := r.waitLoaded(t)
+	clk.WaitParked(t, 30*time.Second) // idle from now on: nothing more is emitted
+	if n := len(r.fails.all()); n != 1 {
+		t.Fatalf("%d failures before the certificate, want 1", n)
+	}
+
+	bus := r.h.EventBus()
+	failures, err := bus.Subscribe(new(EvtIssuanceFailed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer failures.Close()
+	em, err := bus.Emitter(new(EvtIssuanceFailed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer em.Close()
+	const marker = "marker emitted by the test after subscribing"
+	if err := em.Emit(EvtIssuanceFailed{Err: errors.New(marker)}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-failures.Out():
+		if ev := e.(EvtIssuanceFailed); ev.Err == nil || ev.Err.Error() != marker {
+			t.Errorf("a new subscriber received the failure of attempt %d (%v), mended since", ev.Attempt, ev.Err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the marker was not delivered within 30 s")
+	}
+
+	loaded, err := bus.Subscribe(new(EvtCertificateLoaded))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer loaded.Close()
+	select {
+	case e := <-loaded.Out():
+		if ev := e.(EvtCertificateLoaded); ev.Source != Obtained || !ev.NotAfter.Equal(served.leaf.NotAfter) {
+			t.Errorf("a new subscriber received %+v, want the certificate in use (obtained, not after %v)", ev, served.leaf.NotAfter)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a new subscriber did not receive the certificate in use")
+	}
+	r.closeAndCheck(t, leaks)
+}
+
 // TestFaultBrokerRetryAfter: a 429 or 503 with Retry-After, as
 // delay-seconds or as an HTTP-date, on the health check or on the
 // registration, holds the next request back exactly that long, at most
