@@ -1,8 +1,8 @@
 package autotls
 
-// Fault tests of the CA and of DNS: a TXT record that never shows, a CA
-// that refuses "replaces", badNonce, failed validations, rate limits and
-// Retry-After on polls.
+// Fault tests of the CA: a CA that refuses "replaces", badNonce, failed
+// validations, rate limits and Retry-After on polls. (DNS faults are in
+// faults_dns_test.go.)
 
 import (
 	"bytes"
@@ -23,58 +23,6 @@ import (
 	"github.com/p2ptls/autotls/internal/testforge"
 	"github.com/p2ptls/autotls/storage"
 )
-
-// TestFaultTXTNeverVisible: the broker accepts the challenge but its DNS
-// never shows it. The TXT check gives up after its bound (shortened here
-// from 3 min), the CA is never asked to validate (no POST to a challenge:
-// an authorization that fails validation counts against the CA's limits),
-// the attempt is retried with backoff, and succeeds once DNS answers.
-func TestFaultTXTNeverVisible(t *testing.T) {
-	f := startForge(t, testforge.Config{})
-	ca := startCAProxy(t, f)
-	leaks := leakCheck(t)
-	var hide atomic.Bool
-	hide.Store(true)
-	f.SetDNSFault(func(q dns.Question) testforge.DNSFault {
-		return testforge.DNSFault{HideTXT: hide.Load()}
-	})
-	defer f.SetDNSFault(nil)
-
-	clk := newClockAtNow()
-	clk.SetHorizon(clk.Now().Add(5 * time.Minute))
-	r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
-	r.closers = append(r.closers, ca.Close)
-	clk.WaitParked(t, 30*time.Second)
-
-	waits := r.retries()
-	checkBackoff(t, waits)
-	reqs := ca.Requests()
-	// The clock parks inside an attempt's TXT check (three minutes each)
-	// or in the wait after one.
-	if n := count(reqs, http.MethodPost, "/order-plz"); n != len(waits) && n != len(waits)+1 {
-		t.Errorf("%d orders for %d failed attempts", n, len(waits))
-	}
-	if n := count(reqs, http.MethodPost, "/chalZ/"); n != 0 {
-		t.Fatalf("the CA was asked %d times to validate a TXT record that is not visible", n)
-	}
-	w := warnings(r)
-	if len(w) != 1 {
-		t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
-	}
-	t.Logf("the operator reads: %s", w[0].text)
-	if !strings.Contains(w[0].text, "not visible") {
-		t.Errorf("the warning does not say the TXT record is not visible")
-	}
-	pingOverTCP(t, f, r.h)
-
-	hide.Store(false)
-	clk.SetHorizon(clk.Now().Add(retryCap))
-	r.waitLoaded(t)
-	if n := count(ca.Requests(), http.MethodPost, "/chalZ/"); n != 1 {
-		t.Errorf("%d validation requests for the successful attempt, want 1", n)
-	}
-	r.closeAndCheck(t, leaks)
-}
 
 // TestFaultCARefusesReplaces: at renewal the order names the certificate it
 // replaces (ARI). A CA that cannot find that certificate (Pebble answers 500
