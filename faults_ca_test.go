@@ -1,8 +1,8 @@
 package autotls
 
-// Fault tests of the CA: a CA that refuses "replaces", badNonce, failed
-// validations, rate limits and Retry-After on polls. (DNS faults are in
-// faults_dns_test.go.)
+// Fault tests of the CA: an outage (503s, or no answer), a CA that
+// refuses "replaces", badNonce, failed validations, rate limits and
+// Retry-After on polls. (DNS faults are in faults_dns_test.go.)
 
 import (
 	"bytes"
@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -301,4 +302,125 @@ func TestFaultCA(t *testing.T) {
 		ca.Close()
 		leaks()
 	})
+}
+
+// TestFaultCAOutage: the CA answers every request with 503 and no
+// Retry-After (as an ACME problem, or as a load balancer's page; from the
+// first request, or from the first new order, once the account exists),
+// for several attempts on the fake clock, then recovers. The whole outage
+// gives exactly one warning, the manager's, naming the CA's URL and saying
+// it is failing or unreachable (the ACME client's own retries stay at
+// debug level); the attempts follow the transient backoff; the
+// certificate comes once the CA is back. A CA that does not answer at all
+// (its proxy closed) gives one warning saying it is unreachable.
+func TestFaultCAOutage(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	const outage = 2 * time.Minute // five attempts at least
+	for _, tc := range []struct {
+		name string
+		// from tells whether the outage has begun with request r.
+		from func(r *http.Request) bool
+		// answer is the CA's answer during the outage.
+		answer func(w http.ResponseWriter)
+	}{
+		{"problem document", nil, func(w http.ResponseWriter) {
+			problem(w, http.StatusServiceUnavailable, acme.ProblemTypeNamespace+"serverInternal", "the service is down for maintenance", "")
+		}},
+		{"load balancer page", nil, func(w http.ResponseWriter) {
+			http.Error(w, "<html><body><h1>503 Service Unavailable</h1>No server is available to handle this request.</body></html>", http.StatusServiceUnavailable)
+		}},
+		{"problem document, from the first order", func(r *http.Request) bool {
+			return r.Method == http.MethodPost && r.URL.Path == "/order-plz"
+		}, func(w http.ResponseWriter) {
+			problem(w, http.StatusServiceUnavailable, acme.ProblemTypeNamespace+"serverInternal", "the service is down for maintenance", "")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ca := startCAProxy(t, f)
+			leaks := leakCheck(t)
+			var down, up atomic.Bool
+			down.Store(tc.from == nil)
+			ca.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+				if up.Load() {
+					return false
+				}
+				if !down.Load() && !tc.from(r) {
+					return false
+				}
+				down.Store(true)
+				tc.answer(w)
+				return true
+			})
+			clk := newClockAtNow()
+			clk.SetHorizon(clk.Now().Add(outage))
+			r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
+			r.closers = append(r.closers, ca.Close)
+			clk.WaitParked(t, 30*time.Second)
+
+			waits := r.retries()
+			faulted := 0
+			for _, q := range ca.Requests() {
+				if q.Faulted {
+					faulted++
+				}
+			}
+			t.Logf("%v of outage: %d attempts, %d CA requests answered 503", outage, len(waits), faulted)
+			if len(waits) < 3 {
+				t.Fatalf("%d attempts in %v of outage, want several; log:\n%s", len(waits), outage, r.logs)
+			}
+			checkBackoff(t, waits)
+			if r.m.cert.Load() != nil {
+				t.Fatal("a certificate is served although the CA is down")
+			}
+			checkCAWarning(t, r, ca.URL, "failing", "unreachable")
+			pingOverTCP(t, f, r.h)
+
+			up.Store(true)
+			clk.SetHorizon(clk.Now().Add(retryCap))
+			r.waitLoaded(t)
+			if w := warnings(r); len(w) != 1 {
+				t.Errorf("%d warnings after the CA recovered, want still 1:\n%s", len(w), r.logs)
+			}
+			r.closeAndCheck(t, leaks)
+		})
+	}
+
+	t.Run("unreachable", func(t *testing.T) {
+		ca := startCAProxy(t, f)
+		ca.Close() // nothing listens at its URL any more
+		leaks := leakCheck(t)
+		clk := newClockAtNow()
+		clk.SetHorizon(clk.Now().Add(outage))
+		r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
+		clk.WaitParked(t, 30*time.Second)
+		waits := r.retries()
+		t.Logf("%v without an answer from the CA: %d attempts", outage, len(waits))
+		if len(waits) < 3 {
+			t.Fatalf("%d attempts in %v, want several; log:\n%s", len(waits), outage, r.logs)
+		}
+		checkBackoff(t, waits)
+		checkCAWarning(t, r, ca.URL, "unreachable")
+		pingOverTCP(t, f, r.h)
+		r.closeAndCheck(t, leaks)
+	})
+}
+
+// checkCAWarning checks that r logged exactly one warning, the manager's,
+// naming the CA at caURL and saying one of says.
+func checkCAWarning(t *testing.T, r *faultRig, caURL string, says ...string) {
+	t.Helper()
+	w := warnings(r)
+	if len(w) != 1 {
+		t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
+	}
+	t.Logf("the operator reads: %s", w[0].text)
+	if _, ok := w[0].attrs["kind"]; !ok {
+		t.Errorf("the warning is not the manager's account of a failed attempt: %s", w[0].text)
+	}
+	if !strings.Contains(w[0].msg, caURL) {
+		t.Errorf("the warning's message does not name the CA (%s): %q", caURL, w[0].msg)
+	}
+	if !slices.ContainsFunc(says, func(s string) bool { return strings.Contains(w[0].msg, s) }) {
+		t.Errorf("the warning's message does not say the CA is %s: %q", strings.Join(says, " or "), w[0].msg)
+	}
 }
