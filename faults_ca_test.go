@@ -6,12 +6,18 @@ package autotls
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -422,5 +428,128 @@ func checkCAWarning(t *testing.T, r *faultRig, caURL string, says ...string) {
 	}
 	if !slices.ContainsFunc(says, func(s string) bool { return strings.Contains(w[0].msg, s) }) {
 		t.Errorf("the warning's message does not say the CA is %s: %q", strings.Join(says, " or "), w[0].msg)
+	}
+}
+
+// stallingCA is a reverse proxy in front of the forge's CA, over HTTP/2
+// or HTTP/1.1, that holds every request matching stall until its client
+// gives up on it. Unlike the forge's CAProxy, it lets the test close its
+// own connections to the CA without closing the host's connections to it,
+// so that a connection the host leaves open is found by the leak check
+// rather than closed under it.
+type stallingCA struct {
+	url     string
+	roots   *x509.CertPool
+	up      *http.Transport
+	stalled chan struct{} // receives when a request is being held
+}
+
+func startStallingCA(t *testing.T, f *testforge.Forge, http2 bool, stall func(*http.Request) bool) *stallingCA {
+	t.Helper()
+	target, err := url.Parse(f.CAURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target.Path = ""
+	up := http.DefaultTransport.(*http.Transport).Clone()
+	up.Proxy = nil
+	up.TLSClientConfig = &tls.Config{RootCAs: f.CARoots}
+	s := &stallingCA{up: up, stalled: make(chan struct{}, 1)}
+	release := make(chan struct{})
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(target)
+			pr.Out.Host = pr.In.Host // the CA's URLs then name the proxy
+		},
+		Transport: up,
+		ErrorLog:  log.New(io.Discard, "", 0),
+	}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !stall(r) {
+			rp.ServeHTTP(w, r)
+			return
+		}
+		// An HTTP/1.1 server notices that the client went away only once
+		// the request's body has been read.
+		_, _ = io.Copy(io.Discard, r.Body)
+		select {
+		case s.stalled <- struct{}{}:
+		default:
+		}
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	srv.EnableHTTP2 = http2
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
+	srv.StartTLS()
+	t.Cleanup(func() {
+		close(release)
+		srv.Close()
+		up.CloseIdleConnections()
+	})
+	s.url = srv.URL + strings.TrimPrefix(f.CAURL, target.String())
+	s.roots = x509.NewCertPool()
+	s.roots.AddCert(srv.Certificate())
+	return s
+}
+
+// TestCloseDuringCARequest: closing the host while a request to the CA is
+// in flight (a new order during the first issuance, or the first ARI poll
+// once the certificate is in use), over HTTP/2 and over HTTP/1.1, returns,
+// and leaves no goroutine behind: in particular no read loop of a
+// connection to the CA, which a connection pool keeps alive for 90 s if
+// the request's cancellation leaves the connection open. Each case is
+// repeated, since the cancellation races the closing of idle connections.
+func TestCloseDuringCARequest(t *testing.T) {
+	const reps = 15
+	f := startForge(t, testforge.Config{})
+	for _, place := range []struct {
+		name  string
+		stall func(*http.Request) bool
+		edit  func(*manager)
+	}{
+		{"new order", func(r *http.Request) bool {
+			return r.Method == http.MethodPost && r.URL.Path == "/order-plz"
+		}, nil},
+		{"renewal information", func(r *http.Request) bool {
+			return r.Method == http.MethodGet && strings.Contains(r.URL.Path, "renewalInfo")
+		}, func(m *manager) { m.ariFirstPoll = time.Millisecond }},
+	} {
+		for _, http2 := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s over %s", place.name, map[bool]string{true: "HTTP/2", false: "HTTP/1.1"}[http2]), func(t *testing.T) {
+				ca := startStallingCA(t, f, http2, place.stall)
+				for i := range reps {
+					leaks := leakCheck(t)
+					clk := newClockAtNow()
+					clk.SetHorizon(clk.Now().Add(time.Minute))
+					r := startRig(t, f, clk, nil, place.edit, WithStorage(storage.Memory()), WithCA(ca.url, ca.roots))
+					select {
+					case <-ca.stalled:
+					case <-time.After(30 * time.Second):
+						t.Fatalf("try %d: no %s request within 30 s; log:\n%s", i+1, place.name, r.logs)
+					}
+					closed := make(chan error, 1)
+					go func() { closed <- r.h.Close() }()
+					select {
+					case err := <-closed:
+						if err != nil {
+							t.Errorf("try %d: closing the host: %v", i+1, err)
+						}
+					case <-time.After(30 * time.Second):
+						t.Fatalf("try %d: host.Close did not return within 30 s with a %s request in flight", i+1, place.name)
+					}
+					for _, c := range r.closers {
+						c()
+					}
+					ca.up.CloseIdleConnections() // the proxy's own, to the CA
+					leaks()
+					if t.Failed() {
+						t.Fatalf("try %d of %d left goroutines behind", i+1, reps)
+					}
+				}
+			})
+		}
 	}
 }
