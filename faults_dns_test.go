@@ -182,7 +182,7 @@ func TestFaultDNSUnanswered(t *testing.T) {
 		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			deadline, ok := ctx.Deadline()
 			mu.Lock()
-			dials = append(dials, dial{left: deadline.Sub(time.Now()), bounded: ok})
+			dials = append(dials, dial{left: time.Until(deadline), bounded: ok})
 			mu.Unlock()
 			var d net.Dialer
 			return d.DialContext(ctx, network, f.DNSAddr)
