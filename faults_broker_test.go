@@ -1,7 +1,8 @@
 package autotls
 
-// Fault tests of the broker: transient failures, Retry-After, a failed
-// dial-back, refusals, garbage, and a day of outage. Each drives the real
+// Fault tests of the broker: transient failures, Retry-After, garbage,
+// and a day of outage (refusals that need a change first, such as a failed
+// dial-back, are in faults_broker_refusal_test.go). Each drives the real
 // components (Pebble, the test broker with its libp2p dial-back, the
 // forge's DNS, real libp2p hosts) into one fault and checks what an
 // operator running this unattended relies on: one clear log line, a
@@ -17,8 +18,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -27,8 +28,6 @@ import (
 	"unicode"
 	"unicode/utf8"
 
-	"github.com/libp2p/go-libp2p"
-	ma "github.com/multiformats/go-multiaddr"
 	"github.com/p2ptls/autotls/internal/testforge"
 	"github.com/p2ptls/autotls/storage"
 )
@@ -140,24 +139,171 @@ func TestFaultBrokerTransient(t *testing.T) {
 	}
 }
 
+// TestFaultBrokerBlip: a broker that fails twice in a row (503, no
+// Retry-After) and then answers costs seconds: the certificate comes after
+// two retries whose waits, as the manager logged them, add up to 30 s at
+// most, and the third request to the faulty path comes that long after
+// the first on the fake clock. The 503 comes on the health check, on the
+// registration's first request, or only on the request that completes
+// the PeerID handshake (as a proxy in front of the broker would send it).
+func TestFaultBrokerBlip(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	for _, tc := range []struct {
+		name string
+		path string
+		// signed: only the request carrying the node's handshake
+		// signature fails.
+		signed bool
+	}{
+		{"health", healthPath, false},
+		{"registration", registerPath, false},
+		{"registration, completing the handshake", registerPath, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			leaks := leakCheck(t)
+			clk := newClockAtNow()
+			clk.SetHorizon(clk.Now().Add(time.Minute)) // before the first ARI poll can be due
+			var mu sync.Mutex
+			var at []time.Time // fake time of each request on the path
+			f.SetBrokerFault(func(w http.ResponseWriter, r *http.Request) bool {
+				if r.URL.Path != tc.path || tc.signed && !strings.Contains(r.Header.Get("Authorization"), "sig=") {
+					return false
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				at = append(at, clk.Now())
+				if len(at) > 2 {
+					return false
+				}
+				http.Error(w, "upstream connect error or disconnect/reset before headers", http.StatusServiceUnavailable)
+				return true
+			})
+			defer f.SetBrokerFault(nil)
+			r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()))
+			clk.WaitParked(t, 30*time.Second)
+			if r.m.cert.Load() == nil {
+				t.Fatalf("no certificate a minute after two 503s; log:\n%s", r.logs)
+			}
+
+			waits := r.retries()
+			if len(waits) != 2 {
+				t.Fatalf("%d retries, want 2; log:\n%s", len(waits), r.logs)
+			}
+			checkBackoff(t, waits)
+			if sum := waits[0] + waits[1]; sum > 30*time.Second {
+				t.Errorf("retried after %v and %v: %v for a blip, want ≤ 30 s", waits[0], waits[1], sum)
+			}
+			mu.Lock()
+			got := slices.Clone(at)
+			mu.Unlock()
+			if len(got) < 3 {
+				t.Fatalf("%d requests to the faulty path, want 2 refused, then served", len(got))
+			}
+			if d := got[2].Sub(got[0]); d > 30*time.Second {
+				t.Errorf("the broker was asked again %v after the first 503, want ≤ 30 s", d)
+			}
+			if w := warnings(r); len(w) != 1 {
+				t.Errorf("%d warnings, want 1:\n%s", len(w), r.logs)
+			}
+			r.closeAndCheck(t, leaks)
+		})
+	}
+}
+
+// TestIssuanceFailedNotStateful: EvtIssuanceFailed is a happening, not
+// state. After a failure (a 503 on the health check) and a later success,
+// a new subscriber to it receives no failure, while a new subscriber to
+// EvtCertificateLoaded receives the certificate in use with none being
+// loaded. The bus replays a stateful event from a goroutine, not within
+// Subscribe, but always before anything emitted after the subscription:
+// so the absence is proved by a marker the test emits, which must be the
+// first event the subscriber gets.
+func TestIssuanceFailedNotStateful(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	leaks := leakCheck(t)
+	var failed atomic.Bool
+	f.SetBrokerFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.URL.Path != healthPath || failed.Swap(true) {
+			return false
+		}
+		http.Error(w, "maintenance", http.StatusServiceUnavailable)
+		return true
+	})
+	defer f.SetBrokerFault(nil)
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(time.Minute)) // before the first ARI poll can be due
+	r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()))
+	served := r.waitLoaded(t)
+	clk.WaitParked(t, 30*time.Second) // idle from now on: nothing more is emitted
+	if n := len(r.fails.all()); n != 1 {
+		t.Fatalf("%d failures before the certificate, want 1", n)
+	}
+
+	bus := r.h.EventBus()
+	failures, err := bus.Subscribe(new(EvtIssuanceFailed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer failures.Close()
+	em, err := bus.Emitter(new(EvtIssuanceFailed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer em.Close()
+	const marker = "marker emitted by the test after subscribing"
+	if err := em.Emit(EvtIssuanceFailed{Err: errors.New(marker)}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-failures.Out():
+		if ev := e.(EvtIssuanceFailed); ev.Err == nil || ev.Err.Error() != marker {
+			t.Errorf("a new subscriber received the failure of attempt %d (%v), mended since", ev.Attempt, ev.Err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the marker was not delivered within 30 s")
+	}
+
+	loaded, err := bus.Subscribe(new(EvtCertificateLoaded))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer loaded.Close()
+	select {
+	case e := <-loaded.Out():
+		if ev := e.(EvtCertificateLoaded); ev.Source != Obtained || !ev.NotAfter.Equal(served.leaf.NotAfter) {
+			t.Errorf("a new subscriber received %+v, want the certificate in use (obtained, not after %v)", ev, served.leaf.NotAfter)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("a new subscriber did not receive the certificate in use")
+	}
+	r.closeAndCheck(t, leaks)
+}
+
 // TestFaultBrokerRetryAfter: a 429 or 503 with Retry-After, as
 // delay-seconds or as an HTTP-date, on the health check or on the
-// registration, holds the next request back at least that long (on the
-// fake clock, the time between the two requests is exactly what the
-// manager waited), even when the backoff alone would retry sooner.
+// registration, holds the next request back exactly that long, at most
+// 10 % more (on the fake clock, the time between the two requests is
+// exactly what the manager waited): 2 h, longer than the backoff would
+// wait, and 5 s, shorter than it might.
 func TestFaultBrokerRetryAfter(t *testing.T) {
 	f := startForge(t, testforge.Config{})
-	const after = 2 * time.Hour // longer than the backoff's first steps
-	for _, status := range []int{http.StatusTooManyRequests, http.StatusServiceUnavailable} {
-		for _, form := range []string{"seconds", "date"} {
+	for _, tc := range []struct {
+		after time.Duration
+		form  string
+	}{
+		{2 * time.Hour, "seconds"},
+		{2 * time.Hour, "date"},
+		{5 * time.Second, "seconds"},
+	} {
+		for _, status := range []int{http.StatusTooManyRequests, http.StatusServiceUnavailable} {
 			for _, path := range []string{healthPath, registerPath} {
-				t.Run(fmt.Sprintf("%d %s on %s", status, form, path), func(t *testing.T) {
+				t.Run(fmt.Sprintf("%d %v as %s on %s", status, tc.after, tc.form, path), func(t *testing.T) {
 					leaks := leakCheck(t)
 					clk := newClockAtNow()
 					clk.SetHorizon(clk.Now().Add(24 * time.Hour))
 					type hit struct {
 						at       time.Time // fake time of the request
-						notUntil time.Time // what its Retry-After asked for, if faulted
+						notUntil time.Time // the instant its Retry-After named, if faulted
 					}
 					var mu sync.Mutex
 					var hits []hit
@@ -170,9 +316,14 @@ func TestFaultBrokerRetryAfter(t *testing.T) {
 						h := hit{at: clk.Now()}
 						faulty := len(hits) < 2
 						if faulty {
-							h.notUntil = h.at.Add(after)
-							v := fmt.Sprint(int(after / time.Second))
-							if form == "date" {
+							h.notUntil = h.at.Add(tc.after)
+							v := fmt.Sprint(int(tc.after / time.Second))
+							if tc.form == "date" {
+								// An HTTP-date names whole seconds: the
+								// next one, so as not to ask for less.
+								if frac := h.notUntil.Sub(h.notUntil.Truncate(time.Second)); frac > 0 {
+									h.notUntil = h.notUntil.Add(time.Second - frac)
+								}
 								v = h.notUntil.UTC().Format(http.TimeFormat)
 							}
 							w.Header().Set("Retry-After", v)
@@ -192,19 +343,16 @@ func TestFaultBrokerRetryAfter(t *testing.T) {
 						t.Fatalf("%d requests to %s, want 2 refused and 1 served", len(got), path)
 					}
 					for i := 0; i < 2; i++ {
-						if got[i+1].at.Before(got[i].notUntil) {
-							t.Errorf("request %d came %v after a Retry-After of %v", i+2, got[i+1].at.Sub(got[i].at), after)
+						named := got[i].notUntil.Sub(got[i].at)
+						if gap := got[i+1].at.Sub(got[i].at); gap < named || gap > named+named/10 {
+							t.Errorf("request %d came %v after a Retry-After of %v: want within [%v, %v]", i+2, gap, named, named, named+named/10)
 						}
 					}
-					// The backoff alone would have retried after a minute.
-					// ... and at most 10 % later than it named.
-					if w := r.retries(); len(w) < 2 || w[0] < after || w[0] > after+after/10 {
-						t.Errorf("waits %v, want the first within [%v, %v]", w, after, after+after/10)
-					}
-					for i := 0; i < 2; i++ {
-						if late := got[i+1].at.Sub(got[i].notUntil); late > after/10 {
-							t.Errorf("request %d came %v after the time its Retry-After named, want at most 10 %% of %v", i+2, late, after)
-						}
+					// The wait the manager logged is the same (the first
+					// request comes at a whole second, so the date names
+					// the delay exactly).
+					if w := r.retries(); len(w) < 2 || w[0] < tc.after || w[0] > tc.after+tc.after/10 {
+						t.Errorf("waits %v, want the first within [%v, %v]", w, tc.after, tc.after+tc.after/10)
 					}
 					pingOverTCP(t, f, r.h)
 					r.closeAndCheck(t, leaks)
@@ -212,143 +360,6 @@ func TestFaultBrokerRetryAfter(t *testing.T) {
 			}
 		}
 	}
-}
-
-// deadTCPAddr returns a loopback TCP address on which nothing listens.
-func deadTCPAddr(t *testing.T) ma.Multiaddr {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	return ma.StringCast(fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", port))
-}
-
-// TestFaultBrokerUnreachable: the broker's real dial-back fails (the host
-// announces an address nothing listens on, as behind a closed port), so
-// it answers 400 "error testing addresses". The warning says the node is
-// not reachable from outside and what to check; retries are no sooner
-// than unreachableFloor apart, jitter included, never the seconds of the
-// transient backoff; once the address is right, the next retry succeeds.
-func TestFaultBrokerUnreachable(t *testing.T) {
-	f := startForge(t, testforge.Config{})
-	leaks := leakCheck(t)
-	dead := deadTCPAddr(t)
-	var closed atomic.Bool
-	closed.Store(true)
-	factory := func(in []ma.Multiaddr) []ma.Multiaddr {
-		if closed.Load() {
-			return []ma.Multiaddr{dead}
-		}
-		return in
-	}
-	clk := newClockAtNow()
-	clk.SetHorizon(clk.Now().Add(2 * time.Hour))
-	r := startRig(t, f, clk, []libp2p.Option{libp2p.AddrsFactory(factory)}, nil, WithStorage(storage.Memory()))
-	clk.WaitParked(t, 30*time.Second)
-
-	ev := r.fails.last(t)
-	var be *BrokerError
-	if !errors.As(ev.Err, &be) || !be.Unreachable() || !strings.Contains(be.Body, "error testing addresses") {
-		t.Fatalf("failure %v, want the broker's 400 \"error testing addresses\"", ev.Err)
-	}
-	waits := r.retries()
-	for i, w := range waits {
-		if w < unreachableFloor {
-			t.Errorf("retry %d after %v: a tight retry cannot help an unreachable node (want ≥ %v)", i+1, w, unreachableFloor)
-		}
-	}
-	if len(waits) > int(2*time.Hour/unreachableFloor)+1 {
-		t.Errorf("%d attempts in 2 h", len(waits))
-	}
-	w := warnings(r)
-	if len(w) != 1 {
-		t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
-	}
-	t.Logf("the operator reads: %s", w[0].text)
-	for _, want := range []string{"dial this node back", "reachable from the internet", "port forwarding", "firewall", "error testing addresses"} {
-		if !strings.Contains(w[0].text, want) {
-			t.Errorf("the warning does not say %q", want)
-		}
-	}
-	pingOverTCP(t, f, r.h)
-
-	closed.Store(false) // the port is forwarded now
-	clk.SetHorizon(clk.Now().Add(retryCap))
-	r.waitLoaded(t)
-	r.closeAndCheck(t, leaks)
-}
-
-// TestFaultBrokerForbidden: a 403 (a missing or wrong access token, or an
-// address on the broker's denylist) is not retried soon: the warning says
-// refused, 403, and to check the token or the denylist; the next attempt
-// is hours away (retryMax with jitter), so a day costs a handful of
-// requests; a host restarted with the right token succeeds.
-func TestFaultBrokerForbidden(t *testing.T) {
-	const token = "tok-7d1e-correct-horse"
-	f := startForge(t, testforge.Config{AccessToken: token})
-	for _, tc := range []struct {
-		name  string
-		opts  []Opt
-		fault func(w http.ResponseWriter, r *http.Request) bool
-	}{
-		{name: "missing token"},
-		{name: "wrong token", opts: []Opt{WithAccessToken("tok-wrong-battery-staple")}},
-		// The test broker has no denylist (its checks are the public
-		// broker's otherwise): a fake answer with the public broker's
-		// status and body (protocol §2.4 step 9).
-		{name: "denylisted", opts: []Opt{WithAccessToken(token)}, fault: func(w http.ResponseWriter, r *http.Request) bool {
-			if r.URL.Path != registerPath {
-				return false
-			}
-			http.Error(w, "403 Forbidden: client IP 127.0.0.1 blocked by spamhaus-drop", http.StatusForbidden)
-			return true
-		}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			leaks := leakCheck(t)
-			f.SetBrokerFault(tc.fault)
-			defer f.SetBrokerFault(nil)
-			before := f.Stats()
-			clk := newClockAtNow()
-			clk.SetHorizon(clk.Now().Add(24 * time.Hour))
-			r := startRig(t, f, clk, nil, nil, append(tc.opts, WithStorage(storage.Memory()))...)
-			clk.WaitParked(t, 30*time.Second)
-
-			waits := r.retries()
-			for i, w := range waits {
-				if w < retryCap*9/10 {
-					t.Errorf("retry %d after %v; a refusal needs a change first (want ≥ %v)", i+1, w, retryCap*9/10)
-				}
-			}
-			used := f.Stats()
-			reqs := used.Health + used.Challenge - before.Health - before.Challenge
-			t.Logf("a day of 403s: %d attempts, %d broker requests", len(waits), reqs)
-			if len(waits) > 9 {
-				t.Errorf("%d attempts in a day", len(waits))
-			}
-			w := warnings(r)
-			if len(w) != 1 {
-				t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
-			}
-			t.Logf("the operator reads: %s", w[0].text)
-			for _, want := range []string{"refused", "403", "access token", "denylisted"} {
-				if !strings.Contains(w[0].text, want) {
-					t.Errorf("the warning does not say %q", want)
-				}
-			}
-			pingOverTCP(t, f, r.h)
-			r.closeAndCheck(t, leaks)
-		})
-	}
-	t.Run("restart with the token", func(t *testing.T) {
-		leaks := leakCheck(t)
-		r := startRig(t, f, newClockAtNow(), nil, nil, WithAccessToken(token), WithStorage(storage.Memory()))
-		r.waitLoaded(t)
-		r.closeAndCheck(t, leaks)
-	})
 }
 
 // TestFaultBrokerGarbage: what a broker (or a proxy in front of it) may

@@ -1,17 +1,24 @@
 package autotls
 
-// Fault tests of the CA and of DNS: a TXT record that never shows, a CA
-// that refuses "replaces", badNonce, failed validations, rate limits and
-// Retry-After on polls.
+// Fault tests of the CA: an outage (503s, or no answer), a CA that
+// refuses "replaces", badNonce, failed validations, rate limits and
+// Retry-After on polls. (DNS faults are in faults_dns_test.go.)
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,58 +30,6 @@ import (
 	"github.com/p2ptls/autotls/internal/testforge"
 	"github.com/p2ptls/autotls/storage"
 )
-
-// TestFaultTXTNeverVisible: the broker accepts the challenge but its DNS
-// never shows it. The TXT check gives up after its bound (shortened here
-// from 3 min), the CA is never asked to validate (no POST to a challenge:
-// an authorization that fails validation counts against the CA's limits),
-// the attempt is retried with backoff, and succeeds once DNS answers.
-func TestFaultTXTNeverVisible(t *testing.T) {
-	f := startForge(t, testforge.Config{})
-	ca := startCAProxy(t, f)
-	leaks := leakCheck(t)
-	var hide atomic.Bool
-	hide.Store(true)
-	f.SetDNSFault(func(q dns.Question) testforge.DNSFault {
-		return testforge.DNSFault{HideTXT: hide.Load()}
-	})
-	defer f.SetDNSFault(nil)
-
-	clk := newClockAtNow()
-	clk.SetHorizon(clk.Now().Add(5 * time.Minute))
-	r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
-	r.closers = append(r.closers, ca.Close)
-	clk.WaitParked(t, 30*time.Second)
-
-	waits := r.retries()
-	checkBackoff(t, waits)
-	reqs := ca.Requests()
-	// The clock parks inside an attempt's TXT check (three minutes each)
-	// or in the wait after one.
-	if n := count(reqs, http.MethodPost, "/order-plz"); n != len(waits) && n != len(waits)+1 {
-		t.Errorf("%d orders for %d failed attempts", n, len(waits))
-	}
-	if n := count(reqs, http.MethodPost, "/chalZ/"); n != 0 {
-		t.Fatalf("the CA was asked %d times to validate a TXT record that is not visible", n)
-	}
-	w := warnings(r)
-	if len(w) != 1 {
-		t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
-	}
-	t.Logf("the operator reads: %s", w[0].text)
-	if !strings.Contains(w[0].text, "not visible") {
-		t.Errorf("the warning does not say the TXT record is not visible")
-	}
-	pingOverTCP(t, f, r.h)
-
-	hide.Store(false)
-	clk.SetHorizon(clk.Now().Add(retryCap))
-	r.waitLoaded(t)
-	if n := count(ca.Requests(), http.MethodPost, "/chalZ/"); n != 1 {
-		t.Errorf("%d validation requests for the successful attempt, want 1", n)
-	}
-	r.closeAndCheck(t, leaks)
-}
 
 // TestFaultCARefusesReplaces: at renewal the order names the certificate it
 // replaces (ARI). A CA that cannot find that certificate (Pebble answers 500
@@ -353,4 +308,248 @@ func TestFaultCA(t *testing.T) {
 		ca.Close()
 		leaks()
 	})
+}
+
+// TestFaultCAOutage: the CA answers every request with 503 and no
+// Retry-After (as an ACME problem, or as a load balancer's page; from the
+// first request, or from the first new order, once the account exists),
+// for several attempts on the fake clock, then recovers. The whole outage
+// gives exactly one warning, the manager's, naming the CA's URL and saying
+// it is failing or unreachable (the ACME client's own retries stay at
+// debug level); the attempts follow the transient backoff; the
+// certificate comes once the CA is back. A CA that does not answer at all
+// (its proxy closed) gives one warning saying it is unreachable.
+func TestFaultCAOutage(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	const outage = 2 * time.Minute // five attempts at least
+	for _, tc := range []struct {
+		name string
+		// from tells whether the outage has begun with request r.
+		from func(r *http.Request) bool
+		// answer is the CA's answer during the outage.
+		answer func(w http.ResponseWriter)
+	}{
+		{"problem document", nil, func(w http.ResponseWriter) {
+			problem(w, http.StatusServiceUnavailable, acme.ProblemTypeNamespace+"serverInternal", "the service is down for maintenance", "")
+		}},
+		{"load balancer page", nil, func(w http.ResponseWriter) {
+			http.Error(w, "<html><body><h1>503 Service Unavailable</h1>No server is available to handle this request.</body></html>", http.StatusServiceUnavailable)
+		}},
+		{"problem document, from the first order", func(r *http.Request) bool {
+			return r.Method == http.MethodPost && r.URL.Path == "/order-plz"
+		}, func(w http.ResponseWriter) {
+			problem(w, http.StatusServiceUnavailable, acme.ProblemTypeNamespace+"serverInternal", "the service is down for maintenance", "")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ca := startCAProxy(t, f)
+			leaks := leakCheck(t)
+			var down, up atomic.Bool
+			down.Store(tc.from == nil)
+			ca.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+				if up.Load() {
+					return false
+				}
+				if !down.Load() && !tc.from(r) {
+					return false
+				}
+				down.Store(true)
+				tc.answer(w)
+				return true
+			})
+			clk := newClockAtNow()
+			clk.SetHorizon(clk.Now().Add(outage))
+			r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
+			r.closers = append(r.closers, ca.Close)
+			clk.WaitParked(t, 30*time.Second)
+
+			waits := r.retries()
+			faulted := 0
+			for _, q := range ca.Requests() {
+				if q.Faulted {
+					faulted++
+				}
+			}
+			t.Logf("%v of outage: %d attempts, %d CA requests answered 503", outage, len(waits), faulted)
+			if len(waits) < 3 {
+				t.Fatalf("%d attempts in %v of outage, want several; log:\n%s", len(waits), outage, r.logs)
+			}
+			checkBackoff(t, waits)
+			if r.m.cert.Load() != nil {
+				t.Fatal("a certificate is served although the CA is down")
+			}
+			checkCAWarning(t, r, ca.URL, "failing", "unreachable")
+			pingOverTCP(t, f, r.h)
+
+			up.Store(true)
+			clk.SetHorizon(clk.Now().Add(retryCap))
+			r.waitLoaded(t)
+			if w := warnings(r); len(w) != 1 {
+				t.Errorf("%d warnings after the CA recovered, want still 1:\n%s", len(w), r.logs)
+			}
+			r.closeAndCheck(t, leaks)
+		})
+	}
+
+	t.Run("unreachable", func(t *testing.T) {
+		ca := startCAProxy(t, f)
+		ca.Close() // nothing listens at its URL any more
+		leaks := leakCheck(t)
+		clk := newClockAtNow()
+		clk.SetHorizon(clk.Now().Add(outage))
+		r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots))
+		clk.WaitParked(t, 30*time.Second)
+		waits := r.retries()
+		t.Logf("%v without an answer from the CA: %d attempts", outage, len(waits))
+		if len(waits) < 3 {
+			t.Fatalf("%d attempts in %v, want several; log:\n%s", len(waits), outage, r.logs)
+		}
+		checkBackoff(t, waits)
+		checkCAWarning(t, r, ca.URL, "unreachable")
+		pingOverTCP(t, f, r.h)
+		r.closeAndCheck(t, leaks)
+	})
+}
+
+// checkCAWarning checks that r logged exactly one warning, the manager's,
+// naming the CA at caURL and saying one of says.
+func checkCAWarning(t *testing.T, r *faultRig, caURL string, says ...string) {
+	t.Helper()
+	w := warnings(r)
+	if len(w) != 1 {
+		t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
+	}
+	t.Logf("the operator reads: %s", w[0].text)
+	if _, ok := w[0].attrs["kind"]; !ok {
+		t.Errorf("the warning is not the manager's account of a failed attempt: %s", w[0].text)
+	}
+	if !strings.Contains(w[0].msg, caURL) {
+		t.Errorf("the warning's message does not name the CA (%s): %q", caURL, w[0].msg)
+	}
+	if !slices.ContainsFunc(says, func(s string) bool { return strings.Contains(w[0].msg, s) }) {
+		t.Errorf("the warning's message does not say the CA is %s: %q", strings.Join(says, " or "), w[0].msg)
+	}
+}
+
+// stallingCA is a reverse proxy in front of the forge's CA, over HTTP/2
+// or HTTP/1.1, that holds every request matching stall until its client
+// gives up on it. Unlike the forge's CAProxy, it lets the test close its
+// own connections to the CA without closing the host's connections to it,
+// so that a connection the host leaves open is found by the leak check
+// rather than closed under it.
+type stallingCA struct {
+	url     string
+	roots   *x509.CertPool
+	up      *http.Transport
+	stalled chan struct{} // receives when a request is being held
+}
+
+func startStallingCA(t *testing.T, f *testforge.Forge, http2 bool, stall func(*http.Request) bool) *stallingCA {
+	t.Helper()
+	target, err := url.Parse(f.CAURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target.Path = ""
+	up := http.DefaultTransport.(*http.Transport).Clone()
+	up.Proxy = nil
+	up.TLSClientConfig = &tls.Config{RootCAs: f.CARoots}
+	s := &stallingCA{up: up, stalled: make(chan struct{}, 1)}
+	release := make(chan struct{})
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(target)
+			pr.Out.Host = pr.In.Host // the CA's URLs then name the proxy
+		},
+		Transport: up,
+		ErrorLog:  log.New(io.Discard, "", 0),
+	}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !stall(r) {
+			rp.ServeHTTP(w, r)
+			return
+		}
+		// An HTTP/1.1 server notices that the client went away only once
+		// the request's body has been read.
+		_, _ = io.Copy(io.Discard, r.Body)
+		select {
+		case s.stalled <- struct{}{}:
+		default:
+		}
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	srv.EnableHTTP2 = http2
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
+	srv.StartTLS()
+	t.Cleanup(func() {
+		close(release)
+		srv.Close()
+		up.CloseIdleConnections()
+	})
+	s.url = srv.URL + strings.TrimPrefix(f.CAURL, target.String())
+	s.roots = x509.NewCertPool()
+	s.roots.AddCert(srv.Certificate())
+	return s
+}
+
+// TestCloseDuringCARequest: closing the host while a request to the CA is
+// in flight (a new order during the first issuance, or the first ARI poll
+// once the certificate is in use), over HTTP/2 and over HTTP/1.1, returns,
+// and leaves no goroutine behind: in particular no read loop of a
+// connection to the CA, which a connection pool keeps alive for 90 s if
+// the request's cancellation leaves the connection open. Each case is
+// repeated, since the cancellation races the closing of idle connections.
+func TestCloseDuringCARequest(t *testing.T) {
+	const reps = 15
+	f := startForge(t, testforge.Config{})
+	for _, place := range []struct {
+		name  string
+		stall func(*http.Request) bool
+		edit  func(*manager)
+	}{
+		{"new order", func(r *http.Request) bool {
+			return r.Method == http.MethodPost && r.URL.Path == "/order-plz"
+		}, nil},
+		{"renewal information", func(r *http.Request) bool {
+			return r.Method == http.MethodGet && strings.Contains(r.URL.Path, "renewalInfo")
+		}, func(m *manager) { m.ariFirstPoll = time.Millisecond }},
+	} {
+		for _, http2 := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s over %s", place.name, map[bool]string{true: "HTTP/2", false: "HTTP/1.1"}[http2]), func(t *testing.T) {
+				ca := startStallingCA(t, f, http2, place.stall)
+				for i := range reps {
+					leaks := leakCheck(t)
+					clk := newClockAtNow()
+					clk.SetHorizon(clk.Now().Add(time.Minute))
+					r := startRig(t, f, clk, nil, place.edit, WithStorage(storage.Memory()), WithCA(ca.url, ca.roots))
+					select {
+					case <-ca.stalled:
+					case <-time.After(30 * time.Second):
+						t.Fatalf("try %d: no %s request within 30 s; log:\n%s", i+1, place.name, r.logs)
+					}
+					closed := make(chan error, 1)
+					go func() { closed <- r.h.Close() }()
+					select {
+					case err := <-closed:
+						if err != nil {
+							t.Errorf("try %d: closing the host: %v", i+1, err)
+						}
+					case <-time.After(30 * time.Second):
+						t.Fatalf("try %d: host.Close did not return within 30 s with a %s request in flight", i+1, place.name)
+					}
+					for _, c := range r.closers {
+						c()
+					}
+					ca.up.CloseIdleConnections() // the proxy's own, to the CA
+					leaks()
+					if t.Failed() {
+						t.Fatalf("try %d of %d left goroutines behind", i+1, reps)
+					}
+				}
+			})
+		}
+	}
 }

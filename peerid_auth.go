@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/cookiejar"
+	"strings"
 	"sync"
 	"time"
 
@@ -176,11 +177,13 @@ func (a *peerIDAuth) do(req *http.Request) (peer.ID, *http.Response, error) {
 		refused.ContentLength = int64(len(rt.lastBody.kept))
 		return "", &refused, fmt.Errorf("peer ID auth: %w: %w", errHandshakeRefused, err)
 	}
-	if resp.StatusCode == http.StatusUnauthorized {
+	if resp.StatusCode == http.StatusUnauthorized || !rt.lastBearer && resp.Header.Get("Authentication-Info") == "" {
 		// The server did not accept the handshake we ended with (e.g. a
 		// backend that does not know the HMAC key of the one that started
-		// it). go-libp2p then caches an empty bearer token that would turn
-		// every later request into a 400: start over with no token.
+		// it), or something in front of it answered the handshake's last
+		// request (a proxy's 503 or 429, a redirect) without the bearer
+		// token. go-libp2p then caches an empty bearer token that would
+		// turn every later request into a 400: start over with no token.
 		a.reset(auth)
 	}
 	return id, resp, nil
@@ -215,14 +218,19 @@ func makeReplayable(r *http.Request) error {
 // HTTP client (so that its jar, timeout and refusal of redirects apply) and
 // remembers the outcome of the last one. go-libp2p calls it sequentially.
 type recordingTransport struct {
-	client   *http.Client
-	lastResp *http.Response
-	lastBody *drainingBody
-	lastErr  error
+	client *http.Client
+	// lastBearer: the last request carried a bearer token (go-libp2p
+	// writes it as the scheme's first parameter); otherwise it was a
+	// handshake leg, whose response must carry the token.
+	lastBearer bool
+	lastResp   *http.Response
+	lastBody   *drainingBody
+	lastErr    error
 }
 
 // RoundTrip implements [http.RoundTripper].
 func (t *recordingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	t.lastBearer = strings.Contains(req.Header.Get("Authorization"), " bearer=")
 	resp, err := t.client.Do(req)
 	t.lastResp, t.lastBody, t.lastErr = nil, nil, err
 	if err != nil {
