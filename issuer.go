@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -49,10 +50,12 @@ const (
 	pollTimeout = 5 * time.Minute // per authorization or order, as acmez's default
 )
 
-func newIssuer(caURL string, roots *x509.CertPool, userAgent, email, profile string, solver *dns01Solver, store *pairStore, clk clock, log *slog.Logger) *issuer {
+func newIssuer(caURL string, roots *x509.CertPool, userAgent, email, profile string, solver *dns01Solver, store *pairStore, clk clock,
+	dial func(ctx context.Context, network, addr string) (net.Conn, error), log *slog.Logger) *issuer {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.TLSClientConfig = &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
 	tr.Proxy = nil
+	tr.DialContext = dial
 	ra := &retryAfterTransport{next: tr, clock: clk}
 	return &issuer{
 		client: &acme.Client{

@@ -64,9 +64,9 @@ type manager struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	start  time.Time
-	// idle are HTTP transports of ours whose idle connections close with
-	// the host.
-	idle []interface{ CloseIdleConnections() }
+	// conns are the connections of our HTTP transports, closed with the
+	// host.
+	conns conns
 }
 
 func newManager(c *config) *manager {
@@ -86,10 +86,10 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 
 	hc := m.cfg.httpClient
 	if hc == nil {
-		// Our own transport, so that its idle connections close with the
-		// host rather than linger in http.DefaultTransport.
+		// Our own transport, so that its connections close with the host
+		// rather than linger in http.DefaultTransport.
 		tr := http.DefaultTransport.(*http.Transport).Clone()
-		m.idle = append(m.idle, tr)
+		tr.DialContext = m.conns.dial
 		hc = &http.Client{Transport: tr, Timeout: 90 * time.Second}
 	}
 	broker, err := newBrokerClient(brokerConfig{
@@ -107,8 +107,7 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 	m.store = &pairStore{s: m.cfg.storage, issuerKey: issuerKey(m.cfg.caURL), name: m.name, log: m.log}
 	solver := &dns01Solver{broker: broker, resolver: m.cfg.resolver, addrs: m.brokerAddrs, clock: m.clock}
 	m.issuer = newIssuer(m.cfg.caURL, m.cfg.caRoots, broker.userAgent, m.cfg.email, m.cfg.profile,
-		solver, m.store, m.clock, m.log.With("component", "acme"))
-	m.idle = append(m.idle, m.issuer.ra)
+		solver, m.store, m.clock, m.conns.dial, m.log.With("component", "acme"))
 
 	bus := h.EventBus()
 	if m.emLoaded, err = bus.Emitter(new(EvtCertificateLoaded), eventbus.Stateful); err != nil {
@@ -150,16 +149,14 @@ func (m *manager) onStart(ctx context.Context) error {
 }
 
 // onStop runs on host.Close: it cancels every wait, joins every goroutine
-// the manager started, then closes the connections left idle.
+// the manager started, then closes its connections.
 func (m *manager) onStop(context.Context) error {
 	if m.cancel != nil {
 		m.cancel()
 	}
 	m.wg.Wait()
 	m.broker.close()
-	for _, t := range m.idle {
-		t.CloseIdleConnections()
-	}
+	m.conns.closeAll()
 	return errors.Join(m.emLoaded.Close(), m.emExpired.Close(), m.emFailed.Close())
 }
 
