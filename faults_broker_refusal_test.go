@@ -95,7 +95,7 @@ func TestFaultBrokerUnreachable(t *testing.T) {
 // TestFaultBrokerForbidden: a 403 (a missing or wrong access token, or an
 // address on the broker's denylist) is not retried soon: the warning says
 // refused, 403, and to check the token or the denylist; the next attempt
-// is hours away (retryMax with jitter), so a day costs a handful of
+// is hours away (at least 0.9 × retryCap), so a day costs a handful of
 // requests; a host restarted with the right token succeeds.
 func TestFaultBrokerForbidden(t *testing.T) {
 	const token = "tok-7d1e-correct-horse"

@@ -34,7 +34,7 @@ import (
 
 // TestFaultBrokerTransient: a broker answering 5xx, refusing connections
 // or hanging is a transient failure: the manager backs off exponentially
-// with jitter, within [retryBase, retryMax], says so once at warning
+// with full jitter from retryBase towards retryCap, says so once at warning
 // level, and obtains the certificate by itself once the broker is back.
 // It covers both gates: the health check before the first issuance, and
 // the registration inside an ACME order.
@@ -498,12 +498,13 @@ func TestFaultBrokerGarbage(t *testing.T) {
 }
 
 // TestFaultBrokerOutageDay: a broker that stays down for a whole day
-// (simulated: the fake clock runs the production backoff, one minute
-// doubling to six hours) costs a handful of requests, and the log says it
-// once. Before the first certificate the broker answers 503 and the health
-// gate keeps the CA out of it; at renewal the broker refuses connections
-// and each attempt is one ACME order that stops at the registration. The
-// counts are logged (go test -run TestFaultBrokerOutageDay -v).
+// (simulated: the fake clock runs the production backoff, 6 s doubling to
+// six hours) costs at most 20 broker requests, and the log says it once.
+// Before the first certificate the broker answers 503 and the health gate
+// keeps the CA out of it; at renewal the broker refuses connections: the
+// first attempt is one ACME order that stops at the registration, the
+// next ones a health check each. The counts are logged (go test -run
+// TestFaultBrokerOutageDay -v).
 func TestFaultBrokerOutageDay(t *testing.T) {
 	const day = 24 * time.Hour
 	t.Run("before the first certificate", func(t *testing.T) {

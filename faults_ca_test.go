@@ -247,11 +247,10 @@ func TestFaultCA(t *testing.T) {
 			mu.Lock()
 			defer mu.Unlock()
 			refused, last := orders[:len(orders)-1], orders[len(orders)-1]
-			// The manager waited (on its clock) from the refusal to the
-			// next order; it computed the wait from the real clock, at
-			// some instant before the next order arrived. Sent at that
-			// instant plus the wait, the next order would come no sooner
-			// than the Retry-After named.
+			// The manager read the Retry-After on its own clock when the
+			// refusal arrived, and waited (on that clock) from then to the
+			// next order. Counted from the refusal's real arrival, the
+			// next order comes no sooner than the Retry-After named.
 			waited := last.fake.Sub(refused[len(refused)-1].fake)
 			if earliest := last.real.Add(waited); earliest.Before(refused[len(refused)-1].deadline) {
 				t.Errorf("the manager waited %v after a Retry-After of %v: %v early", waited, after, refused[len(refused)-1].deadline.Sub(earliest))

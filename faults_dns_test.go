@@ -24,8 +24,8 @@ import (
 )
 
 // TestFaultTXTNeverVisible: the broker accepts the challenge but its DNS
-// never shows it. The TXT check gives up after its bound (shortened here
-// from 3 min), the CA is never asked to validate (no POST to a challenge:
+// never shows it. The TXT check gives up after its bound (3 min on the
+// fake clock), the CA is never asked to validate (no POST to a challenge:
 // an authorization that fails validation counts against the CA's limits),
 // the attempt is retried with backoff, and succeeds once DNS answers.
 func TestFaultTXTNeverVisible(t *testing.T) {
