@@ -14,33 +14,23 @@ import (
 	"bytes"
 	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
-	"errors"
 	"io"
-	"io/fs"
 	"log/slog"
 	"math/big"
 	"net/http"
 	"net/http/httputil"
-	"net/url"
-	"os"
-	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
@@ -478,128 +468,6 @@ func selfSigned(t *testing.T, k *ecdsa.PrivateKey, names []string) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 }
 
-// TestSecurityKeyFilePermissions: after a real issuance into storage.Dir,
-// every directory of the store is 0700 and every file 0600 (the private
-// key, the ACME account with its key, the certificate and its metadata);
-// lock files, which hold timestamps only, are gone once issuance ends.
-func TestSecurityKeyFilePermissions(t *testing.T) {
-	t.Parallel()
-	f := startForge(t, testforge.Config{})
-	dir := filepath.Join(t.TempDir(), "nested", "store")
-	st, err := storage.Dir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h := newHost(t, f, nil, WithStorage(st))
-	waitCert(t, h, 30*time.Second)
-	if err := h.Close(); err != nil {
-		t.Fatal(err)
-	}
-	var keys int
-	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		mode := info.Mode().Perm()
-		switch {
-		case d.IsDir() && mode != 0o700:
-			t.Errorf("directory %s has mode %v, want 0700", path, mode)
-		case d.IsDir():
-		case strings.HasSuffix(path, ".lock"):
-			t.Errorf("lock file %s left after issuance", path)
-		case mode != 0o600:
-			t.Errorf("file %s has mode %v, want 0600", path, mode)
-		}
-		if !d.IsDir() {
-			b, err := os.ReadFile(path)
-			if err != nil {
-				return err
-			}
-			if bytes.Contains(b, []byte("PRIVATE KEY")) {
-				keys++
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if keys < 2 {
-		t.Fatalf("%d files with a private key, want the certificate's and the ACME account's", keys)
-	}
-}
-
-// TestSecurityAccessTokenNotLogged: with a forge that requires an access
-// token, a host with a wrong token fails (403) and a host with the right
-// one succeeds; with the logger at debug level (acmez's lines included),
-// neither token appears in any log line or failure event,
-// not even when the broker echoes the token back in its error body.
-func TestSecurityAccessTokenNotLogged(t *testing.T) {
-	t.Parallel()
-	const good, wrong = "tok-good-5a1f8c0e93d2", "tok-wrong-77b3e410c6aa"
-	f := startForge(t, testforge.Config{AccessToken: good})
-	run := func(t *testing.T, token string, echo bool) (*logCapture, *EvtIssuanceFailed) {
-		if echo {
-			f.SetBrokerFault(func(w http.ResponseWriter, r *http.Request) bool {
-				if r.URL.Path != registerPath || r.Header.Get(testforge.ForgeAuthHeader) == "" {
-					return false
-				}
-				http.Error(w, "403 Forbidden: token "+r.Header.Get(testforge.ForgeAuthHeader)+" revoked", http.StatusForbidden)
-				return true
-			})
-			defer f.SetBrokerFault(nil)
-		}
-		clk := newClockAtNow()
-		clk.SetHorizon(clk.Now().Add(time.Minute))
-		r := startRig(t, f, clk, nil, nil, WithAccessToken(token), WithStorage(storage.Memory()))
-		if token == good && !echo {
-			r.waitLoaded(t)
-			return r.logs, nil
-		}
-		clk.WaitParked(t, 30*time.Second)
-		ev := r.fails.last(t)
-		return r.logs, &ev
-	}
-	for _, tc := range []struct {
-		name  string
-		token string
-		echo  bool
-	}{
-		{"wrong token", wrong, false},
-		{"right token", good, false},
-		{"token echoed by the broker", good, true},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			logs, failed := run(t, tc.token, tc.echo)
-			text := logs.String()
-			// The check reads every level: debug lines (the ACME client's
-			// requests among them) must be there.
-			if n := len(logs.all()) - len(logs.atLeast(slog.LevelInfo)); n < 3 {
-				t.Fatalf("only %d log lines captured at debug level", n)
-			}
-			if failed != nil {
-				text += failed.Err.Error()
-				var be *BrokerError
-				if !errors.As(failed.Err, &be) || be.StatusCode != http.StatusForbidden {
-					t.Errorf("failure %v, want the broker's 403", failed.Err)
-				}
-				if tc.echo && !strings.Contains(be.Body, "[redacted]") {
-					t.Errorf("the broker's echo of the token is not in the error, redacted: %q", be.Body)
-				}
-			}
-			for _, tok := range []string{good, wrong} {
-				if strings.Contains(text, tok) {
-					t.Errorf("token %q logged", tok)
-				}
-			}
-		})
-	}
-}
-
 // TestSecurityTLSMinVersion: the WSS listener refuses clients that offer
 // only TLS 1.0 or 1.1, and serves TLS 1.2 and 1.3.
 func TestSecurityTLSMinVersion(t *testing.T) {
@@ -641,192 +509,4 @@ func TestSecurityTLSMinVersion(t *testing.T) {
 			}
 		})
 	}
-}
-
-// FuzzBrokerResponse: whatever a broker (or anything in front of it)
-// answers, the client returns nil only for the expected status, and
-// otherwise a BrokerError whose body excerpt is bounded, valid UTF-8,
-// free of control characters and of the access token, whose Retry-After
-// is within [0, 7 days], and whose text is one line.
-func FuzzBrokerResponse(f *testing.F) {
-	f.Add(204, "", []byte(nil), false)
-	f.Add(429, "120", []byte("slow down"), false)
-	f.Add(503, "Wed, 21 Oct 2015 07:28:00 GMT", []byte("<html>maintenance</html>"), false)
-	f.Add(400, "", []byte("error testing addresses: failed to dial: no addresses"), false)
-	f.Add(403, "", []byte("403 Forbidden: "+testAccessToken), false)
-	f.Add(500, "99999999999999999999", []byte("\x1b[31m\x00\xff\xfe\nline two"), true)
-	f.Add(200, "-1", bytes.Repeat([]byte("é"), 600), false)
-	f.Fuzz(func(t *testing.T, status int, retryAfter string, body []byte, readErr bool) {
-		if status < 100 || status > 999 {
-			return
-		}
-		c := &brokerClient{accessToken: testAccessToken, now: func() time.Time { return time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC) }}
-		resp := &http.Response{StatusCode: status, Header: http.Header{}, Body: io.NopCloser(bytes.NewReader(body))}
-		if readErr {
-			resp.Body = io.NopCloser(io.MultiReader(bytes.NewReader(body), iotestErrReader{}))
-		}
-		resp.Header.Set("Retry-After", retryAfter)
-		err := c.check("register", resp, nil, http.StatusOK)
-		if status == http.StatusOK {
-			if err != nil {
-				t.Fatalf("status 200: %v", err)
-			}
-			return
-		}
-		var be *BrokerError
-		if !errors.As(err, &be) {
-			t.Fatalf("status %d: %v is not a BrokerError", status, err)
-		}
-		if len(be.Body) > maxErrorBody || !utf8.ValidString(be.Body) || strings.ContainsFunc(be.Body, unicode.IsControl) {
-			t.Fatalf("body excerpt %q", be.Body)
-		}
-		if be.RetryAfter < 0 || be.RetryAfter > maxRetryAfter {
-			t.Fatalf("Retry-After %q gave %v", retryAfter, be.RetryAfter)
-		}
-		if text := be.Error(); strings.Contains(text, testAccessToken) || strings.ContainsAny(text, "\n\r") {
-			t.Fatalf("error text %q", text)
-		}
-		_ = be.Temporary()
-		_ = be.Unreachable()
-		_ = be.LogValue()
-	})
-}
-
-type iotestErrReader struct{}
-
-func (iotestErrReader) Read([]byte) (int, error) { return 0, errors.New("connection reset") }
-
-// FuzzCheckCert: any bytes in storage as certificate and key give an error
-// or a certificate for exactly our name, with its key, valid now; never a
-// panic.
-func FuzzCheckCert(f *testing.F) {
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		f.Fatal(err)
-	}
-	der, err := x509.MarshalPKCS8PrivateKey(k)
-	if err != nil {
-		f.Fatal(err)
-	}
-	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
-	const name = "*.k51qzi5uqu5dj6ft7ppq8ysnv4c2s8t3bwrcxzwa6fjh9cluo9bsxrsgbs1rmd.libp2p.direct"
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), DNSNames: []string{name}, NotBefore: time.Unix(0, 0), NotAfter: time.Unix(1<<33, 0)}
-	certDER, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
-	if err != nil {
-		f.Fatal(err)
-	}
-	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: certDER})
-	f.Add(certPEM, keyPEM)
-	f.Add(certPEM[:len(certPEM)/2], keyPEM)
-	f.Add(keyPEM, certPEM)
-	f.Add([]byte{}, []byte{})
-	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	f.Fuzz(func(t *testing.T, certPEM, keyPEM []byte) {
-		c, err := checkCert(certPEM, keyPEM, name, now)
-		if err != nil {
-			return
-		}
-		if len(c.leaf.DNSNames) != 1 || !strings.EqualFold(c.leaf.DNSNames[0], name) || now.After(c.leaf.NotAfter) {
-			t.Fatalf("accepted a certificate for %v valid until %v", c.leaf.DNSNames, c.leaf.NotAfter)
-		}
-	})
-}
-
-// FuzzParseStoredAccount: a stored ACME account, whatever its bytes, loads
-// as a usable account or gives an error.
-func FuzzParseStoredAccount(f *testing.F) {
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		f.Fatal(err)
-	}
-	der, err := x509.MarshalPKCS8PrivateKey(k)
-	if err != nil {
-		f.Fatal(err)
-	}
-	good, err := json.Marshal(storedAccount{Location: "https://ca.example/acct/1", PrivateKeyPEM: string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}))})
-	if err != nil {
-		f.Fatal(err)
-	}
-	rsaKey, err := rsa.GenerateKey(rand.Reader, 1024)
-	if err == nil {
-		if d, err := x509.MarshalPKCS8PrivateKey(rsaKey); err == nil {
-			b, _ := json.Marshal(storedAccount{Location: "x", PrivateKeyPEM: string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: d}))})
-			f.Add(b)
-		}
-	}
-	f.Add(good)
-	f.Add([]byte(`{"location":"x","private_key_pem":"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----"}`))
-	f.Add([]byte(`null`))
-	f.Add([]byte(``))
-	f.Fuzz(func(t *testing.T, raw []byte) {
-		acct, err := parseStoredAccount(raw)
-		if err != nil {
-			return
-		}
-		if acct.Location == "" || acct.PrivateKey == nil {
-			t.Fatalf("accepted an account without location or key: %+v", acct)
-		}
-	})
-}
-
-// FuzzParseEndpoint: a broker endpoint is accepted only as an absolute
-// http(s) URL with a host and nothing the client would silently drop, and
-// what is returned is stable.
-func FuzzParseEndpoint(f *testing.F) {
-	for _, s := range []string{
-		"https://registration.libp2p.direct", "http://127.0.0.1:8080/", "https://user:pw@host", "https://host/?q",
-		"https://host/#f", "ftp://host", "//host", "https://", "https://host/base//", "", "http://[::1]:1/x",
-	} {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, endpoint string) {
-		base, err := parseEndpoint(endpoint)
-		if err != nil {
-			return
-		}
-		u, err := url.Parse(base)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || strings.HasSuffix(base, "/") {
-			t.Fatalf("parseEndpoint(%q) = %q", endpoint, base)
-		}
-		if again, err := parseEndpoint(base); err != nil || again != base {
-			t.Fatalf("parseEndpoint is not stable on %q: %q, %v", base, again, err)
-		}
-	})
-}
-
-// FuzzForgeAddr: the browser address built from any listen address is
-// either refused or parses back to that listener's IP and port and our
-// PeerID, in both forms.
-func FuzzForgeAddr(f *testing.F) {
-	id := vectorID(f)
-	for _, s := range []string{
-		"/ip4/203.0.113.7/tcp/4001/tls/sni/*.libp2p.direct/ws",
-		"/ip6/2001:db8::1/tcp/443/tls/sni/*.libp2p.direct/ws",
-		"/ip4/1.2.3.4/tcp/1/tls/sni/*.other.example/ws",
-		"/ip4/1.2.3.4/tcp/1/ws",
-		"/ip6/::ffff:1.2.3.4/tcp/1/tls/sni/*.libp2p.direct/ws",
-		"/dns4/example.com/tcp/1/tls/sni/*.libp2p.direct/ws",
-	} {
-		f.Add(ma.StringCast(s).Bytes(), false)
-		f.Add(ma.StringCast(s).Bytes(), true)
-	}
-	f.Fuzz(func(t *testing.T, b []byte, short bool) {
-		a, err := ma.NewMultiaddrBytes(b)
-		if err != nil {
-			return
-		}
-		_ = isForgeListenAddr(a, testForge)
-		_, _ = wssListenAddr(a, testForge)
-		fa, ok := forgeAddr(a, id, testForge, short)
-		if !ok {
-			return
-		}
-		ip, port, gotID, err := parseForgeAddr(fa, testForge)
-		if err != nil || gotID != id {
-			t.Fatalf("forgeAddr(%s) = %s, which parses as %v, %v, %v: %v", a, fa, ip, port, gotID, err)
-		}
-		if tw := thinWaist(a); tw == nil || !strings.Contains(tw.String(), "/tcp/"+strconv.Itoa(int(port))) {
-			t.Fatalf("forgeAddr(%s) = %s names port %d", a, fa, port)
-		}
-	})
 }
