@@ -84,8 +84,7 @@ func (p *pairStore) load(ctx context.Context, now time.Time) (*servedCert, error
 	var exp *expiredError
 	switch {
 	case err == nil:
-		p.dropPendingOf(ctx, c)
-		return c, nil
+		return p.settlePending(ctx, c, now), nil
 	case errors.As(err, &exp):
 		p.log.Info("stored certificate expired; deleting it so that a fresh one is issued", "not_after", exp.notAfter.Format(time.RFC3339))
 		p.delete(ctx, "")
@@ -238,14 +237,25 @@ func (p *pairStore) forgetPending(ctx context.Context) {
 	}
 }
 
-// dropPendingOf deletes a pending order whose chain is c's: a crash came
-// after the pair was stored, before the pending order was deleted.
-func (p *pairStore) dropPendingOf(ctx context.Context, c *servedCert) {
+// settlePending looks at a pending order that holds a whole chain, next to
+// the valid stored pair c. A crash came after the chain was downloaded:
+// before the pair was overwritten (the pending chain is newer: it is
+// completed and returned) or after (it is c's: the record is deleted).
+func (p *pairStore) settlePending(ctx context.Context, c *servedCert, now time.Time) *servedCert {
 	po, _, err := p.loadPending(ctx)
 	if err != nil || po.Chain == "" {
-		return
+		return c
 	}
-	if pc, err := checkCert([]byte(po.Chain), []byte(po.KeyPEM), p.name, c.leaf.NotBefore); err == nil && pc.leaf.Equal(c.leaf) {
+	pc, err := checkCert([]byte(po.Chain), []byte(po.KeyPEM), p.name, now)
+	switch {
+	case err != nil:
+		return c
+	case pc.leaf.Equal(c.leaf):
 		p.forgetPending(ctx)
+	case pc.leaf.NotAfter.After(c.leaf.NotAfter):
+		if newer, err := p.completePending(ctx, now); err == nil {
+			return newer
+		}
 	}
+	return c
 }
