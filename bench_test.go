@@ -110,6 +110,7 @@ var phaseNames = []string{
 type issuanceTrace struct {
 	start, built, health time.Time
 	loaded               time.Time
+	storage              storageCounts
 
 	mu     sync.Mutex
 	ca     []caRequest
@@ -257,11 +258,13 @@ func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { retu
 
 // tracedIssue builds a host with a fresh identity and the given (empty)
 // storage, waits for its certificate and closes it. It returns the trace
-// and the forge's requests during the issuance.
+// and the forge's requests during the issuance; the storage calls of the
+// host's whole life (one issuance) are counted into t.storage.
 func tracedIssue(b *testing.B, f *testforge.Forge, store certmagic.Storage) (*issuanceTrace, testforge.Stats) {
 	b.Helper()
 	key := benchKey(b)
 	t := &issuanceTrace{}
+	store = &countingStorage{Storage: store, n: &t.storage}
 	var m *manager
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.Proxy = nil
@@ -321,6 +324,57 @@ func statsDelta(a, b testforge.Stats) testforge.Stats {
 	}
 }
 
+// storageCounts counts calls to a certmagic.Storage.
+type storageCounts struct {
+	reads  atomic.Int64 // Load, Exists, Stat, List
+	writes atomic.Int64 // Store
+	dels   atomic.Int64 // Delete
+	locks  atomic.Int64 // Lock
+}
+
+// countingStorage counts the calls to the certmagic.Storage it wraps. It
+// hides the store's optional interfaces (certmagic.TryLocker): issuance
+// does not use them, ours or (before the core rebuild) certmagic's.
+type countingStorage struct {
+	certmagic.Storage
+	n *storageCounts
+}
+
+func (s *countingStorage) Load(ctx context.Context, key string) ([]byte, error) {
+	s.n.reads.Add(1)
+	return s.Storage.Load(ctx, key)
+}
+
+func (s *countingStorage) Exists(ctx context.Context, key string) bool {
+	s.n.reads.Add(1)
+	return s.Storage.Exists(ctx, key)
+}
+
+func (s *countingStorage) Stat(ctx context.Context, key string) (certmagic.KeyInfo, error) {
+	s.n.reads.Add(1)
+	return s.Storage.Stat(ctx, key)
+}
+
+func (s *countingStorage) List(ctx context.Context, path string, recursive bool) ([]string, error) {
+	s.n.reads.Add(1)
+	return s.Storage.List(ctx, path, recursive)
+}
+
+func (s *countingStorage) Store(ctx context.Context, key string, value []byte) error {
+	s.n.writes.Add(1)
+	return s.Storage.Store(ctx, key, value)
+}
+
+func (s *countingStorage) Delete(ctx context.Context, key string) error {
+	s.n.dels.Add(1)
+	return s.Storage.Delete(ctx, key)
+}
+
+func (s *countingStorage) Lock(ctx context.Context, name string) error {
+	s.n.locks.Add(1)
+	return s.Storage.Lock(ctx, name)
+}
+
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 func median(xs []float64) float64 {
@@ -356,7 +410,9 @@ func mean(xs []float64) float64 {
 // Metrics: ms (median), floor-ms (median), x-floor (ratio of the medians),
 // over-floor-ms (difference of the medians), <phase>-ms (means; they add
 // up to the mean), broker/CA/DNS requests per certificate (ours and the
-// floor's CA and DNS requests). pebble keeps the certificate in memory,
+// floor's CA and DNS requests), and the host's storage calls per
+// certificate: storage-reads/op (Load, Exists, Stat, List), -writes/op
+// (Store), -deletes/op, -locks/op (Lock). pebble keeps the certificate in memory,
 // pebble-disk in a directory (storage.Dir, the production default's kind).
 // With retry-after, the CA sends Retry-After (1 s) on authorization and
 // order polls, and its TXT lookups are slowed by raTXTDelay so that both
@@ -405,6 +461,7 @@ func BenchmarkTimeToCertificate(b *testing.B) {
 			phases := make([][]float64, len(phaseNames))
 			var st, fst testforge.Stats
 			var late []float64
+			var reads, writes, dels, locks int64
 			b.ResetTimer()
 			for range b.N {
 				t, s := tracedIssue(b, f, newStore())
@@ -421,6 +478,10 @@ func BenchmarkTimeToCertificate(b *testing.B) {
 				}
 				st = addStats(st, s)
 				fst = addStats(fst, fs)
+				reads += t.storage.reads.Load()
+				writes += t.storage.writes.Load()
+				dels += t.storage.dels.Load()
+				locks += t.storage.locks.Load()
 			}
 			b.StopTimer()
 			n := float64(b.N)
@@ -436,6 +497,10 @@ func BenchmarkTimeToCertificate(b *testing.B) {
 			b.ReportMetric(float64(st.DNS)/n, "dns-req/op")
 			b.ReportMetric(float64(fst.CA)/n, "floor-ca-req/op")
 			b.ReportMetric(float64(fst.DNS)/n, "floor-dns-req/op")
+			b.ReportMetric(float64(reads)/n, "storage-reads/op")
+			b.ReportMetric(float64(writes)/n, "storage-writes/op")
+			b.ReportMetric(float64(dels)/n, "storage-deletes/op")
+			b.ReportMetric(float64(locks)/n, "storage-locks/op")
 			if mode.cfg.RetryAfterAuthz > 0 {
 				b.ReportMetric(float64(len(late))/n, "ra-waits/op")
 				b.ReportMetric(mean(late), "ra-late-ms")
