@@ -32,6 +32,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/gologshim"
 	"github.com/miekg/dns"
 	ma "github.com/multiformats/go-multiaddr"
 
@@ -40,6 +41,15 @@ import (
 )
 
 var benchLogger = slog.New(slog.DiscardHandler)
+
+// quietLibp2p sends go-libp2p's own logs to a discard handler. Its
+// loggers write to stderr, which go test interleaves with the benchmark
+// lines: "swarm listener accept error ... listener closed", at error level
+// each time a host with a WSS listener closes, used to split the
+// BenchmarkRestart line in two, which benchstat then cannot read. Each
+// logger picks its handler when it is first used, so this holds only for
+// loggers no test has used yet: run the benchmarks with -run '^$'.
+func quietLibp2p() { gologshim.SetDefaultHandler(slog.DiscardHandler) }
 
 // benchOpts are the production defaults pointed at the forge.
 func benchOpts(f *testforge.Forge, extra ...Opt) []Opt {
@@ -420,6 +430,7 @@ func mean(xs []float64) float64 {
 // delay between the time a Retry-After named and the next request (what
 // the client adds on top of the CA's wait).
 func BenchmarkTimeToCertificate(b *testing.B) {
+	quietLibp2p()
 	for _, mode := range []struct {
 		name string
 		cfg  testforge.Config
@@ -532,6 +543,7 @@ func addStats(a, b testforge.Stats) testforge.Stats {
 // without the option (libp2p.New), alternating in the same run. ns/op is
 // the pair.
 func BenchmarkRestart(b *testing.B) {
+	quietLibp2p()
 	f := startForge(b, testforge.Config{})
 	key := benchKey(b)
 	store := storage.Memory()
@@ -593,6 +605,7 @@ func BenchmarkRestart(b *testing.B) {
 // are from the median handshake times. The client skips verification so
 // that the figure is the server's. ns/op is one handshake of each.
 func BenchmarkHandshake(b *testing.B) {
+	quietLibp2p()
 	f := startForge(b, testforge.Config{})
 	var m *manager
 	h := benchHost(b, f, benchKey(b), WithStorage(storage.Memory()), withManager(func(x *manager) { m = x }))
@@ -691,6 +704,7 @@ func tlsServer(b *testing.B, cfg *tls.Config) string {
 // that time over GOMAXPROCS × the elapsed time: near 1, the hosts are
 // limited by the CPUs, not by waiting on one another.
 func BenchmarkFleet(b *testing.B) {
+	quietLibp2p()
 	for _, n := range []int{1, 10, 50} {
 		b.Run(fmt.Sprintf("hosts=%d", n), func(b *testing.B) {
 			f := startForge(b, testforge.Config{})
@@ -810,6 +824,7 @@ func fleet(b *testing.B, f *testforge.Forge, n int) fleetRun {
 // before it serves it. The broker's health check is held until the peer is
 // connected, so the certificate always comes after.
 func BenchmarkAddressPropagation(b *testing.B) {
+	quietLibp2p()
 	f := startForge(b, testforge.Config{})
 	var prop []float64
 	b.ResetTimer()
