@@ -260,17 +260,27 @@ func TestFaultCrashRestart(t *testing.T) {
 }
 
 // TestFaultCrashRenewal: a process is killed while it stores a renewed
-// certificate, after the new key was written and before the certificate
-// (a real crash: a child process that started from a valid stored
-// certificate, renewed it at once on a clock past its renewal time, and
-// exits inside the Store of the .crt file). Storage then holds the new
-// key beside the old certificate. On restart with the same identity and
+// certificate, before the new key was written or after it and before the
+// certificate (a real crash: a child process that started from a valid
+// stored certificate, renewed it at once on a clock past its renewal time,
+// and exits inside the Store of the .key or the .crt file). Storage then
+// holds the old pair, or the new key beside the old certificate, and the
+// new chain in the pending order. On restart with the same identity and
 // storage, on the real clock, the host serves at once, from storage, the
 // NEW certificate, the one the child downloaded (its chain is in the
 // pending order); storage holds a consistent pair again; the pending order
 // is gone; and the restart costs no request to the CA, the broker or DNS,
 // and no warning.
 func TestFaultCrashRenewal(t *testing.T) {
+	// Before the new key is written (the old pair intact, the new one in
+	// the pending order), and between the key and the certificate (a torn
+	// pair).
+	for _, crashOn := range []string{".key", ".crt"} {
+		t.Run("crash storing "+crashOn, func(t *testing.T) { crashRenewal(t, crashOn) })
+	}
+}
+
+func crashRenewal(t *testing.T, crashOn string) {
 	f := startForge(t, testforge.Config{})
 	ca := startCAProxy(t, f)
 	key := genKey(t, crypto.Ed25519)
@@ -300,17 +310,14 @@ func TestFaultCrashRenewal(t *testing.T) {
 	}
 
 	runCrashChild(t, crashSetup{Domain: f.Domain, BrokerURL: f.BrokerURL, CAURL: ca.URL, DNSAddr: f.DNSAddr, Dir: dir,
-		CARootPEM: ca.RootPEM, Key: rawKey, Now: renewAt(old.leaf).Add(time.Minute), CrashOn: ".crt"})
-	// The crash came where it should: the new key beside the old
-	// certificate.
+		CARootPEM: ca.RootPEM, Key: rawKey, Now: renewAt(old.leaf).Add(time.Minute), CrashOn: crashOn})
+	// The crash came where it should: the old certificate in place, and
+	// beside it the old key (crash on .key) or the new one (crash on .crt).
 	if !bytes.Equal(mustRead(t, s.cert), oldCert) {
 		t.Fatal("the child stored its certificate before crashing")
 	}
-	if bytes.Equal(mustRead(t, s.key), oldKey) {
-		t.Fatal("the child crashed before storing the new key")
-	}
-	if _, err := checkCert(mustRead(t, s.cert), mustRead(t, s.key), name, time.Now()); err == nil {
-		t.Fatal("storage holds a consistent pair after the crash: the crash came elsewhere")
+	if newKey := !bytes.Equal(mustRead(t, s.key), oldKey); newKey != (crashOn == ".crt") {
+		t.Fatalf("after a crash storing %s, the new key stored: %v", crashOn, newKey)
 	}
 	pending, err := filepath.Glob(pendingGlob(dir))
 	if err != nil || len(pending) != 1 {

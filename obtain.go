@@ -49,7 +49,7 @@ func (m *manager) obtainLocked(ctx context.Context) (*servedCert, CertSource, er
 	cur := m.cert.Load()
 	stored, err := m.store.load(ctx, m.clock.Now())
 	switch {
-	case err == nil && (cur == nil || stored.leaf.NotAfter.After(cur.leaf.NotAfter)):
+	case err == nil && (cur == nil || !stored.leaf.Equal(cur.leaf) && !stored.leaf.NotAfter.Before(cur.leaf.NotAfter)):
 		return stored, FromStorage, nil
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		return nil, "", err

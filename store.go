@@ -252,7 +252,7 @@ func (p *pairStore) settlePending(ctx context.Context, c *servedCert, now time.T
 		return c
 	case pc.leaf.Equal(c.leaf):
 		p.forgetPending(ctx)
-	case pc.leaf.NotAfter.After(c.leaf.NotAfter):
+	case !pc.leaf.NotAfter.Before(c.leaf.NotAfter): // newer (to the second)
 		if newer, err := p.completePending(ctx, now); err == nil {
 			return newer
 		}
