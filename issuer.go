@@ -4,15 +4,12 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/mholt/acmez/v3"
@@ -398,39 +395,4 @@ func (i *issuer) poll(ctx context.Context, loc string, check func() (done bool, 
 		}
 		interval = min(interval*pollGrowth, pollMax)
 	}
-}
-
-// renewalInfo asks the CA for leaf's renewal window (ARI, RFC 9773): one
-// unauthenticated GET, no retry of its own (acmez's GetRenewalInfo sleeps
-// and retries behind the manager's clock; the run loop asks again later).
-func (i *issuer) renewalInfo(ctx context.Context, leaf *x509.Certificate) (acme.RenewalInfo, error) {
-	dir, err := i.client.GetDirectory(ctx)
-	if err != nil {
-		return acme.RenewalInfo{}, err
-	}
-	if dir.RenewalInfo == "" {
-		return acme.RenewalInfo{}, acme.ErrUnsupported
-	}
-	id, err := acme.ARIUniqueIdentifier(leaf)
-	if err != nil {
-		return acme.RenewalInfo{}, err
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(dir.RenewalInfo, "/")+"/"+id, nil)
-	if err != nil {
-		return acme.RenewalInfo{}, err
-	}
-	req.Header.Set("User-Agent", i.client.UserAgent)
-	resp, err := i.client.HTTPClient.Do(req)
-	if err != nil {
-		return acme.RenewalInfo{}, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return acme.RenewalInfo{}, fmt.Errorf("renewal information: %s", resp.Status)
-	}
-	var ri acme.RenewalInfo
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&ri); err != nil {
-		return acme.RenewalInfo{}, fmt.Errorf("decoding the renewal information: %w", err)
-	}
-	return ri, nil
 }
