@@ -100,8 +100,9 @@ type Forge struct {
 }
 
 // New starts a forge on 127.0.0.1 and stops it when tb and its subtests
-// have finished; hosts built with [Forge.HostOptions] and peers from
-// [Forge.NewPeer] that are still open are closed first. If the forge
+// have finished; hosts built with [Forge.HostOptions] and given to
+// [Forge.WaitBrowserAddr] or [Forge.WaitIssuanceFailed], and peers from
+// [Forge.NewPeer], that are still open are closed first. If the forge
 // cannot start, New fails tb with tb.Fatalf, so it must be called from the
 // goroutine running the test.
 //
@@ -197,7 +198,8 @@ func (f *Forge) Domain() string { return f.f.Domain }
 // non-loopback connections (a connection gater), and resolve multiaddrs
 // through the forge's DNS. They also record the host's autotls events from
 // its start, for [Forge.WaitBrowserAddr] and [Forge.WaitIssuanceFailed],
-// and have the host closed when the test ends, before the forge stops.
+// and, once the host was given to one of those, have it closed when the
+// test ends, before the forge stops (close other hosts yourself).
 //
 // They combine with autotls.Option and other options, but not with
 // another libp2p.ConnectionGater (libp2p refuses two) or

@@ -80,7 +80,10 @@ func (f *Forge) recordOption() libp2p.Option {
 	}))
 }
 
-// closeHosts closes the hosts built with HostOptions that are still open.
+// closeHosts closes the hosts built with HostOptions that are still open:
+// as libp2p.New returned them if they were given to a Wait method (which
+// stops everything the host runs), else as the fx graph holds them (which
+// stops their network only: the test should close them).
 func (f *Forge) closeHosts() {
 	f.mu.Lock()
 	var hs []host.Host
@@ -100,6 +103,12 @@ func (f *Forge) recordOf(tb testing.TB, h host.Host) (*record, func()) {
 	tb.Helper()
 	f.mu.Lock()
 	r := f.hosts[h.ID()]
+	if _, open := f.open[r]; r != nil && open {
+		// h is the host libp2p.New returned: its Close stops all of it,
+		// autotls included, where the one fx gave recordOption stops
+		// only the network.
+		f.open[r] = h
+	}
 	f.mu.Unlock()
 	if r != nil {
 		return r, func() {}
