@@ -154,6 +154,7 @@ func TestShortLivedRenewal(t *testing.T) {
 			if ev.Source != autotls.Renewed || !ev.NotAfter.After(first.NotAfter) {
 				t.Fatalf("after %+v came %+v, want a renewal", first, ev)
 			}
+			t.Logf("obtained %v–%v, renewed at %v: %v–%v", first.NotBefore, first.NotAfter, time.Now(), ev.NotBefore, ev.NotAfter)
 			pingOverWSS(t, f, h, f.WaitBrowserAddr(t, h))
 			return
 		case <-timeout:
