@@ -6,7 +6,10 @@ package autotlstest_test
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -174,4 +177,36 @@ func TestClearFaults(t *testing.T) {
 	f.RefuseDialBack(true)
 	f.ClearFaults()
 	f.WaitBrowserAddr(t, newHost(t, f, nil))
+}
+
+// fatalTB records the message of Fatalf and ends the goroutine, as
+// t.Fatalf does, without failing the test.
+type fatalTB struct {
+	testing.TB
+	msg string
+}
+
+func (f *fatalTB) Fatalf(format string, args ...any) {
+	f.msg = fmt.Sprintf(format, args...)
+	runtime.Goexit()
+}
+
+// TestWaitBrowserAddrSaysWhy: when no address comes within the bound, the
+// test fails with the host's last issuance failure.
+func TestWaitBrowserAddrSaysWhy(t *testing.T) {
+	t.Parallel()
+	f := autotlstest.New(t, autotlstest.WithWaitTimeout(time.Second))
+	f.RefuseDialBack(true)
+	h := newHost(t, f, nil)
+	tb := &fatalTB{TB: t}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f.WaitBrowserAddr(tb, h)
+	}()
+	<-done
+	if !strings.Contains(tb.msg, "no browser address within 1s") || !strings.Contains(tb.msg, "error testing addresses") {
+		t.Fatalf("WaitBrowserAddr failed with %q; want the wait and the broker's refusal", tb.msg)
+	}
+	t.Logf("the test reads: %s", tb.msg)
 }
