@@ -58,10 +58,11 @@ type config struct {
 	waitTimeout time.Duration
 }
 
-// WithCertValidity makes the CA issue certificates valid for d (whole
-// seconds, at least one), so that a renewal happens within the test:
-// autotls renews a certificate this short-lived with half of its lifetime
-// left. Without it, certificates are valid for 90 days, like Let's
+// WithCertValidity makes the CA issue certificates valid for d, so that a
+// renewal happens within the test: autotls renews a certificate this
+// short-lived with half of its lifetime left. The CA counts whole seconds
+// from the start of the second it issues in, so a certificate for 4s is
+// valid for 3s from about a second ago. Without it, certificates are valid for 90 days, like Let's
 // Encrypt's.
 func WithCertValidity(d time.Duration) Option {
 	return func(c *config) { c.forge.CertValidity = max(d, time.Second) }
@@ -81,10 +82,11 @@ func WithWaitTimeout(d time.Duration) Option {
 	return func(c *config) { c.waitTimeout = d }
 }
 
-// Forge is a running test forge. Its methods are safe for concurrent use,
-// except that those given a testing.TB, and the fault methods (which fail
-// the test given to [New] if the forge cannot obey), must be called from
-// the goroutine running the test, like tb.Fatal.
+// Forge is a running test forge. Its methods are safe for concurrent use;
+// those that may fail a test (the ones given a testing.TB, and
+// [Forge.BrokerDown], [Forge.BrokerUp] and [Forge.ClearFaults], which fail
+// the test given to [New]) must be called from the goroutine running it,
+// like tb.Fatal.
 type Forge struct {
 	tb          testing.TB
 	f           *testforge.Forge
