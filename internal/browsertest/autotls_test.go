@@ -2,47 +2,37 @@ package browsertest_test
 
 import (
 	"context"
+	"os"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/libp2p/go-libp2p"
-	"github.com/libp2p/go-libp2p/core/host"
-	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/p2ptls/autotls"
+	"github.com/p2ptls/autotls/autotlstest"
 	"github.com/p2ptls/autotls/internal/browsertest"
-	"github.com/p2ptls/autotls/internal/testforge"
-	"github.com/p2ptls/autotls/storage"
 )
 
 // TestBrowserDialsAutoTLSHost is the whole point of the library: a host
-// built with autotls.Option gets its certificate from the in-process forge
+// built with autotls.Option gets its certificate from the test kit's forge
 // (Pebble, broker, DNS), and headless Chromium running js-libp2p dials its
 // announced address over Secure WebSockets and pings it, trusting only the
 // forge's root, with the forge's names mapped to loopback. Without the
 // root, the same dial must fail on certificate trust.
 func TestBrowserDialsAutoTLSHost(t *testing.T) {
 	browsertest.Require(t)
-	f, err := testforge.Start(testforge.Config{})
+	f := autotlstest.New(t)
+	rootPEM, err := os.ReadFile(f.RootPEMFile(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
 
 	for _, tc := range []struct {
 		name  string
 		short bool
 	}{{"long form", false}, {"short form", true}} {
 		t.Run(tc.name, func(t *testing.T) {
-			opts := []autotls.Opt{
-				autotls.WithForgeDomain(f.Domain),
-				autotls.WithRegistrationEndpoint(f.BrokerURL),
-				autotls.WithCA(f.CAURL, f.CARoots),
-				autotls.WithResolver(f.Resolver()),
-				autotls.WithStorage(storage.Memory()),
-				autotls.WithAllowPrivateAddrs(),
-			}
+			opts := f.Options()
 			prefix := "/ip4/127.0.0.1/"
 			if tc.short {
 				opts = append(opts, autotls.WithShortAddrs())
@@ -53,13 +43,16 @@ func TestBrowserDialsAutoTLSHost(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer h.Close()
-			addr := browserAddr(t, h, prefix)
+			addr := f.WaitBrowserAddr(t, h)
+			if !strings.HasPrefix(addr.String(), prefix) {
+				t.Fatalf("browser address %s, want the %s form", addr, prefix)
+			}
 			target := addr.String() + "/p2p/" + h.ID().String()
 
 			res, err := browsertest.Dial(context.Background(), browsertest.Options{
 				Multiaddr:    target,
-				TrustRootPEM: f.IssuerRootPEM,
-				HostRules:    "MAP *." + f.Domain + " 127.0.0.1",
+				TrustRootPEM: rootPEM,
+				HostRules:    "MAP *." + f.Domain() + " 127.0.0.1",
 				Timeout:      browsertest.DefaultTimeout,
 			})
 			if err != nil {
@@ -75,7 +68,7 @@ func TestBrowserDialsAutoTLSHost(t *testing.T) {
 			}
 			res, err = browsertest.Dial(context.Background(), browsertest.Options{
 				Multiaddr: target,
-				HostRules: "MAP *." + f.Domain + " 127.0.0.1",
+				HostRules: "MAP *." + f.Domain() + " 127.0.0.1",
 				Timeout:   browsertest.DefaultTimeout,
 			})
 			if err != nil {
@@ -86,21 +79,4 @@ func TestBrowserDialsAutoTLSHost(t *testing.T) {
 			}
 		})
 	}
-}
-
-// browserAddr waits for the host's certificate and returns its announced
-// browser address starting with prefix.
-func browserAddr(t *testing.T, h host.Host, prefix string) ma.Multiaddr {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		for _, a := range h.Addrs() {
-			if _, err := a.ValueForProtocol(ma.P_TLS); err == nil && strings.HasPrefix(a.String(), prefix) {
-				return a
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Fatalf("no %s browser address; have %v", prefix, h.Addrs())
-	return nil
 }

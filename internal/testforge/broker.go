@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"time"
@@ -38,6 +39,9 @@ type broker struct {
 	srv  *httptest.Server
 	url  string
 	auth *httppeeridauth.ServerPeerIDAuth
+	// relisten is the listener of the last BrokerUp, if any; guarded by
+	// brokerSwitch.
+	relisten net.Listener
 }
 
 // registration is the request body; unknown fields are rejected.
@@ -74,7 +78,14 @@ func startBroker(f *Forge) (*broker, error) {
 
 // close stops the server and waits for in-flight requests; their dial-backs
 // are aborted when the forge's context is canceled.
-func (b *broker) close() { b.srv.Close() }
+func (b *broker) close() {
+	brokerSwitch.Lock()
+	if b.relisten != nil {
+		_ = b.relisten.Close()
+	}
+	brokerSwitch.Unlock()
+	b.srv.Close()
+}
 
 func (b *broker) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Path {

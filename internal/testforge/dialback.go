@@ -22,6 +22,12 @@ func (f *Forge) dialBack(ctx context.Context, id peer.ID, addrs []string) error 
 	defer cancel()
 	defer context.AfterFunc(f.ctx, cancel)() // Close aborts the probe
 
+	if fn := f.dialFault.Load(); fn != nil {
+		if err := (*fn)(id, addrs); err != nil {
+			return err
+		}
+	}
+
 	h, err := libp2p.New(f.dialBackOptions()...)
 	if err != nil {
 		return err
@@ -53,4 +59,16 @@ func (f *Forge) dialBack(ctx context.Context, id peer.ID, addrs []string) error 
 		}
 	}
 	return nil
+}
+
+// SetDialBackFault installs fn, called before each dial-back with the peer
+// and the addresses it sent. A non-nil error fails the dial-back as an
+// unreachable host would: the broker answers 400 "error testing addresses:
+// <err>", as the public broker does. Nil removes the hook.
+func (f *Forge) SetDialBackFault(fn func(id peer.ID, addrs []string) error) {
+	if fn == nil {
+		f.dialFault.Store(nil)
+		return
+	}
+	f.dialFault.Store(&fn)
 }

@@ -17,7 +17,11 @@ var brokerSwitch sync.Mutex
 func (f *Forge) BrokerDown() error {
 	brokerSwitch.Lock()
 	defer brokerSwitch.Unlock()
-	if err := f.broker.srv.Listener.Close(); err != nil {
+	ln := f.broker.srv.Listener
+	if f.broker.relisten != nil {
+		ln = f.broker.relisten
+	}
+	if err := ln.Close(); err != nil {
 		return fmt.Errorf("testforge: closing the broker's listener: %w", err)
 	}
 	f.broker.srv.CloseClientConnections()
@@ -33,9 +37,9 @@ func (f *Forge) BrokerUp() error {
 	if err != nil {
 		return fmt.Errorf("testforge: listening again on the broker's address: %w", err)
 	}
-	// The server's Close closes its Listener field: point it at the new
-	// one, so that Close ends the Serve below.
-	f.broker.srv.Listener = ln
+	// The server's Listener field is read by the goroutine httptest
+	// started: it is left alone, and the broker's close closes this one.
+	f.broker.relisten = ln
 	srv := f.broker.srv.Config
 	go func() { _ = srv.Serve(ln) }()
 	return nil

@@ -105,6 +105,7 @@ type Forge struct {
 
 	brokerFault atomic.Pointer[func(http.ResponseWriter, *http.Request) bool]
 	dnsFault    atomic.Pointer[func(dns.Question) DNSFault]
+	dialFault   atomic.Pointer[func(peer.ID, []string) error]
 
 	ctx       context.Context // canceled by Close: aborts dial-backs and DNS delays
 	cancel    context.CancelFunc
