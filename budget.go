@@ -15,12 +15,15 @@ import (
 
 // The issuance budget. Let's Encrypt issues at most 5 certificates per
 // exact set of names per 7 days; a sixth order is refused, and every
-// refused order still costs the CA's patience. Hosts sharing a storage
-// (restarts, a fleet with one identity, a rolling update) share one
-// record of the certificates issued for the name, so that none of them
-// asks for a sixth: each issuance is recorded under the issuance lock,
-// right after the pair is stored, and a new order is checked against the
-// record under the same lock before anything is sent to the CA.
+// refused order still costs the CA's patience. (It counts with a token
+// bucket that refills one every 34 hours; this sliding window, 5 in any
+// 7 days, is stricter: it never sends what the bucket would refuse.)
+// Hosts sharing a storage (restarts, a fleet with one identity, a rolling
+// update) share one record of the certificates issued for the name, so
+// that none of them asks for a sixth: each issuance is recorded under the
+// issuance lock, right after the pair is stored, and a new order is
+// checked against the record under the same lock before anything is sent
+// to the CA.
 //
 // A renewal that names the certificate it replaces while that one is
 // still valid (ARI's "replaces") is exempt at Let's Encrypt, so it is not
