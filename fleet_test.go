@@ -439,8 +439,15 @@ func TestFleetDatabaseRestart(t *testing.T) {
 		return false
 	})
 	defer f.SetBrokerFault(nil)
+	var healthOnce sync.Once
+	releaseHealth := func() { healthOnce.Do(func() { close(healthRelease) }) }
+	t.Cleanup(releaseHealth) // before the forge closes
 	z := start(nil)
-	<-healthHeld
+	select {
+	case <-healthHeld:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("z's health check did not come; log:\n%s", z.logs)
+	}
 
 	server("stop")
 	restarted := false
@@ -449,7 +456,7 @@ func TestFleetDatabaseRestart(t *testing.T) {
 			server("start")
 		}
 	}()
-	close(healthRelease) // z's first attempt meets the outage
+	releaseHealth() // z's first attempt meets the outage
 	z.fails.last(t)
 	z.clk.WaitParked(t, 30*time.Second)
 	x.clk.SetHorizon(due.Add(5 * time.Minute)) // so does x's renewal
