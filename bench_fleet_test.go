@@ -19,45 +19,45 @@ import (
 	"github.com/p2ptls/autotls/storage"
 )
 
-// countingStorage counts the calls made to a storage. Each call to
+// callCounter counts every call made to a storage, Unlock included. Each call to
 // storage/postgres is one SQL statement (Lock's is one per attempt, and
 // uncontended locks take one), apart from the lease renewals of held
 // locks, every 20 s by default, which no operation here lasts long
 // enough to need.
-type countingStorage struct {
+type callCounter struct {
 	certmagic.Storage
 	n atomic.Int64
 }
 
-func (s *countingStorage) Store(ctx context.Context, key string, value []byte) error {
+func (s *callCounter) Store(ctx context.Context, key string, value []byte) error {
 	s.n.Add(1)
 	return s.Storage.Store(ctx, key, value)
 }
-func (s *countingStorage) Load(ctx context.Context, key string) ([]byte, error) {
+func (s *callCounter) Load(ctx context.Context, key string) ([]byte, error) {
 	s.n.Add(1)
 	return s.Storage.Load(ctx, key)
 }
-func (s *countingStorage) Delete(ctx context.Context, key string) error {
+func (s *callCounter) Delete(ctx context.Context, key string) error {
 	s.n.Add(1)
 	return s.Storage.Delete(ctx, key)
 }
-func (s *countingStorage) Exists(ctx context.Context, key string) bool {
+func (s *callCounter) Exists(ctx context.Context, key string) bool {
 	s.n.Add(1)
 	return s.Storage.Exists(ctx, key)
 }
-func (s *countingStorage) List(ctx context.Context, path string, recursive bool) ([]string, error) {
+func (s *callCounter) List(ctx context.Context, path string, recursive bool) ([]string, error) {
 	s.n.Add(1)
 	return s.Storage.List(ctx, path, recursive)
 }
-func (s *countingStorage) Stat(ctx context.Context, key string) (certmagic.KeyInfo, error) {
+func (s *callCounter) Stat(ctx context.Context, key string) (certmagic.KeyInfo, error) {
 	s.n.Add(1)
 	return s.Storage.Stat(ctx, key)
 }
-func (s *countingStorage) Lock(ctx context.Context, name string) error {
+func (s *callCounter) Lock(ctx context.Context, name string) error {
 	s.n.Add(1)
 	return s.Storage.Lock(ctx, name)
 }
-func (s *countingStorage) Unlock(ctx context.Context, name string) error {
+func (s *callCounter) Unlock(ctx context.Context, name string) error {
 	s.n.Add(1)
 	return s.Storage.Unlock(ctx, name)
 }
@@ -91,7 +91,7 @@ func BenchmarkStorageIssue(b *testing.B) {
 		b.Run(be.name, func(b *testing.B) {
 			f := startForge(b, testforge.Config{})
 			st, schema := be.open(b)
-			cs := &countingStorage{Storage: st}
+			cs := &callCounter{Storage: st}
 			tracedIssue(b, f, storage.Memory()) // warm up, apart
 			var times, prep, store []float64
 			calls := int64(0)
@@ -148,7 +148,7 @@ func BenchmarkStorageRestart(b *testing.B) {
 		b.Run(be.name, func(b *testing.B) {
 			f := startForge(b, testforge.Config{})
 			st, _ := be.open(b)
-			cs := &countingStorage{Storage: st}
+			cs := &callCounter{Storage: st}
 			key := benchKey(b)
 			h := benchHost(b, f, key, WithStorage(cs))
 			waitCert(b, h, time.Minute)
@@ -187,7 +187,7 @@ func BenchmarkStorageRenew(b *testing.B) {
 		b.Run(be.name, func(b *testing.B) {
 			f := startForge(b, testforge.Config{})
 			st, _ := be.open(b)
-			cs := &countingStorage{Storage: st}
+			cs := &callCounter{Storage: st}
 			var m *manager
 			h := benchHost(b, f, benchKey(b), WithStorage(cs), withManager(func(x *manager) { m = x }))
 			defer h.Close()
