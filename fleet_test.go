@@ -488,7 +488,7 @@ func TestFleetDatabaseRestart(t *testing.T) {
 	z.waitLoaded(t)
 	for _, r := range []*faultRig{x, y, z} {
 		for _, l := range warnings(r) {
-			if strings.Contains(l.msg, "lock") {
+			if strings.Contains(l.msg, "could not release the storage lock") {
 				t.Errorf("a lock was not released: %s", l.text)
 			}
 		}
