@@ -291,7 +291,7 @@ func TestBudgetAcrossProcesses(t *testing.T) {
 			f := startForge(t, testforge.Config{})
 			ca := startCAProxy(t, f)
 			key := genKey(t, crypto.Ed25519)
-			job := newChildJob(f, ca, "budget", key)
+			job := newChildJob(t, f, ca, "budget", key)
 			var st certmagic.Storage
 			if kind == "dir" {
 				job.Dir = filepath.Join(t.TempDir(), "store")

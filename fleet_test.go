@@ -89,9 +89,10 @@ func openPostgres(tb testing.TB, schema string, opts ...postgres.Option) *postgr
 	return st
 }
 
-// postgresJob is a child job storing in schema.
+// postgresJob is a child job storing in schema (see newChildJob).
 func postgresJob(t *testing.T, f *testforge.Forge, ca *testforge.CAProxy, run, schema string, keys ...crypto.PrivKey) childJob {
-	j := newChildJob(f, ca, run, keys...)
+	t.Helper()
+	j := newChildJob(t, f, ca, run, keys...)
 	j.PostgresURL, j.Schema = testPostgresURL(t), schema
 	return j
 }
@@ -165,14 +166,14 @@ func TestFleetManyIdentities(t *testing.T) {
 	const procs, perProc = 4, 50
 	schema := newPostgresSchema(t)
 	f := startForge(t, testforge.Config{})
-	ca := startCAProxy(t, f)
 	jobs := make([]childJob, procs)
 	for p := range jobs {
 		keys := make([]crypto.PrivKey, perProc)
 		for n := range keys {
 			keys[n] = genKey(t, crypto.Ed25519)
 		}
-		jobs[p] = postgresJob(t, f, ca, "fleet", schema, keys...)
+		// Straight to the CA: a proxy would cost a quarter of the time.
+		jobs[p] = postgresJob(t, f, nil, "fleet", schema, keys...)
 		jobs[p].Parallel = 8
 	}
 	run := func(phase string) map[string]childReport {
@@ -209,10 +210,8 @@ func TestFleetManyIdentities(t *testing.T) {
 	if len(serials) != len(first) {
 		t.Errorf("%d serials for %d hosts", len(serials), len(first))
 	}
-	reqs := ca.Requests()
-	t.Logf("first start: %d ACME accounts registered, %d finalizations", count(reqs, http.MethodPost, "/sign-me-up"), count(reqs, http.MethodPost, "/finalize-order/"))
 
-	stats, before := f.Stats(), len(reqs)
+	stats := f.Stats()
 	again := run("restart")
 	for peer, r := range again {
 		if r.Source != FromStorage || r.Serial != first[peer].Serial {
@@ -220,10 +219,7 @@ func TestFleetManyIdentities(t *testing.T) {
 		}
 	}
 	if d := statsDelta(f.Stats(), stats); d != (testforge.Stats{}) {
-		t.Errorf("the restart cost requests to the forge: %+v", d)
-	}
-	if n := len(ca.Requests()) - before; n != 0 {
-		t.Errorf("the restart cost %d requests to the CA", n)
+		t.Errorf("the restart cost requests to the broker, the CA or DNS: %+v", d)
 	}
 }
 

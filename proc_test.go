@@ -10,13 +10,16 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"strings"
@@ -75,19 +78,41 @@ type childReport struct {
 	Err    string     `json:",omitempty"`
 }
 
-// newChildJob returns a job of program run against f, with its CA behind
-// ca.
-func newChildJob(f *testforge.Forge, ca *testforge.CAProxy, run string, keys ...crypto.PrivKey) childJob {
-	j := childJob{Run: run, Domain: f.Domain, BrokerURL: f.BrokerURL, CAURL: ca.URL, DNSAddr: f.DNSAddr,
-		CARootPEM: ca.RootPEM, IssuerRootPEM: f.IssuerRootPEM}
+// newChildJob returns a job of program run against f, with its CA reached
+// through ca, or directly if ca is nil (no proxy hop, and no request log:
+// f.Stats counts the CA's requests).
+func newChildJob(t *testing.T, f *testforge.Forge, ca *testforge.CAProxy, run string, keys ...crypto.PrivKey) childJob {
+	t.Helper()
+	j := childJob{Run: run, Domain: f.Domain, BrokerURL: f.BrokerURL, DNSAddr: f.DNSAddr, IssuerRootPEM: f.IssuerRootPEM}
+	if ca != nil {
+		j.CAURL, j.CARootPEM = ca.URL, ca.RootPEM
+	} else {
+		j.CAURL, j.CARootPEM = f.CAURL, caCertPEM(t, f)
+	}
 	for _, k := range keys {
 		raw, err := crypto.MarshalPrivateKey(k)
 		if err != nil {
-			panic(err) // our own keys
+			t.Fatal(err)
 		}
 		j.Keys = append(j.Keys, raw)
 	}
 	return j
+}
+
+// caCertPEM returns the certificate of the forge's ACME endpoint, which
+// f.CARoots trusts, for a child process to trust.
+func caCertPEM(t *testing.T, f *testforge.Forge) []byte {
+	t.Helper()
+	u, err := url.Parse(f.CAURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := tls.Dial("tcp", u.Host, &tls.Config{RootCAs: f.CARoots})
+	if err != nil {
+		t.Fatalf("reading the ACME endpoint's certificate: %v", err)
+	}
+	defer conn.Close()
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: conn.ConnectionState().PeerCertificates[0].Raw})
 }
 
 // child is a running child process.
