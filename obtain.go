@@ -54,6 +54,9 @@ func (m *manager) obtainLocked(ctx context.Context) (*servedCert, CertSource, er
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		return nil, "", err
 	}
+	if err := m.checkBudget(ctx, cur, m.clock.Now()); err != nil {
+		return nil, "", err
+	}
 
 	po, key, err := m.certKey(ctx, cur)
 	if err != nil {
@@ -89,6 +92,8 @@ func (m *manager) obtainLocked(ctx context.Context) (*servedCert, CertSource, er
 		// stored, lets the next start complete the write.
 		m.log.Warn("could not store the new certificate; serving it from memory (the next start will request it again unless storage recovers)", "err", err)
 	}
+	// Stored or not, the certificate counts at the CA.
+	m.recordIssuance(ctx, c.leaf, m.clock.Now())
 	if cur != nil {
 		return c, Renewed, nil
 	}

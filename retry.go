@@ -11,7 +11,8 @@ import (
 )
 
 // Retry policy. A failure that names its own time (a Retry-After from the
-// broker or the CA) is retried then, at most 10 % later. Any other
+// broker or the CA) is retried then, at most 10 % later; the issuance
+// budget (budget.go) names its own time, which is kept exactly. Any other
 // transient failure is retried after an exponential backoff with full
 // jitter, from a few seconds up to retryCap, so that a blip costs seconds
 // and many nodes failing together do not come back together; once the
@@ -44,6 +45,7 @@ const (
 	kindRateLimited   failureKind = "ca_rate_limited"    // the CA's rate limit
 	kindStorage       failureKind = "storage"            // reading or writing storage failed
 	kindLock          failureKind = "lock"               // the storage's lock was not had in time
+	kindBudget        failureKind = "budget"             // the CA's limit on certificates for the name is spent (budget.go)
 	kindOther         failureKind = "other"
 )
 
@@ -108,6 +110,7 @@ func classify(err error, now time.Time) failure {
 		ce   *caError
 		se   *storageError
 		le   *lockError
+		bud  *budgetError
 		nyv  *notYetValidError
 		exp  *expiredError
 	)
@@ -142,6 +145,10 @@ func classify(err error, now time.Time) failure {
 	case errors.As(err, &txt):
 		return failure{kind: kindTXT, key: string(kindTXT),
 			sentence: "the broker accepted the challenge but its TXT record did not become visible; check that the resolver reaches the forge's DNS"}
+	case errors.As(err, &bud):
+		return failure{kind: kindBudget, key: string(kindBudget), retryAt: bud.frees,
+			sentence: fmt.Sprintf("certificate request held back: %d certificates for this name in 7 days is the CA's limit (Let's Encrypt: 5 per exact set of names per week); requesting again at %s, when it frees up",
+				bud.count, bud.frees.UTC().Format(time.RFC3339))}
 	case errors.As(err, &le):
 		return failure{kind: kindLock, key: string(kindLock),
 			sentence: "another process holds the storage lock for this certificate; retrying (if no other process shares this storage, a stale lock is in the way)"}
@@ -214,6 +221,10 @@ func isValidationFailure(prob acme.Problem) bool {
 func retryDelay(f failure, attempt int, now time.Time) time.Duration {
 	var d time.Duration
 	switch {
+	case f.kind == kindBudget:
+		// Our own count names the time, exactly: nothing is sent before
+		// it, and the hosts sharing the count take turns under its lock.
+		d = max(f.retryAt.Sub(now), 0)
 	case !f.retryAt.IsZero():
 		ra := max(f.retryAt.Sub(now), 0)
 		d = ra + rand.N(ra/10+1)

@@ -27,11 +27,13 @@ autotls_pg_bin() {
   [ -n "$d" ] && [ -x "$d/postgres" ] && echo "$d"
 }
 
-# autotls_pg_free_port prints a loopback TCP port nothing listens on.
+# autotls_pg_free_port prints a loopback TCP port nothing listens on, below
+# Linux's ephemeral range (32768 and up by default), where the outgoing
+# connections of tests running meanwhile would take it first.
 autotls_pg_free_port() {
   local port
   for _ in $(seq 100); do
-    port=$((20000 + RANDOM % 30000))
+    port=$((10000 + RANDOM % 22768))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       echo "$port"
       return 0

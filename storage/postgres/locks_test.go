@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/p2ptls/autotls/internal/pgtest"
 	"github.com/p2ptls/autotls/storage/postgres"
 	"go.uber.org/goleak"
 )
@@ -33,7 +34,16 @@ func TestMain(m *testing.M) {
 	if schema := os.Getenv(childEnv); schema != "" {
 		os.Exit(holdLock(schema))
 	}
-	os.Exit(m.Run())
+	// Tests of other packages stop the server too (pgtest.Exclusive): hold
+	// it, shared, while ours run.
+	unlock, err := pgtest.Lock()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	unlock()
+	os.Exit(code)
 }
 
 // holdLock is the lock holder process of TestHolderKilled: it takes the

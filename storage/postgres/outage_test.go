@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/p2ptls/autotls/internal/pgtest"
 	"github.com/p2ptls/autotls/storage/postgres"
 )
 
@@ -482,6 +483,7 @@ func TestServerRestart(t *testing.T) {
 	if ctl == "" {
 		t.Skip("AUTOTLS_TEST_POSTGRES_CTL is not set: run with `bash .ci/postgres.sh go test ./storage/postgres/` to restart the server")
 	}
+	pgtest.Exclusive(t) // no other package's test uses the server meanwhile
 	run := func(arg string) {
 		t.Helper()
 		if out, err := exec.CommandContext(t.Context(), ctl, arg).CombinedOutput(); err != nil {
