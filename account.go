@@ -38,17 +38,19 @@ func (i *issuer) getAccount(ctx context.Context) (acme.Account, error) {
 	if i.account != nil {
 		return *i.account, nil
 	}
-	raw, err := i.store.s.Load(ctx, i.accountKey())
-	switch {
-	case err == nil:
-		acct, perr := parseStoredAccount(raw)
-		if perr == nil {
-			i.account = &acct
-			return acct, nil
-		}
-		i.log.Warn("stored ACME account unusable; registering a new one", "key", i.accountKey(), "err", perr)
-	case !errors.Is(err, fs.ErrNotExist):
-		return acme.Account{}, &storageError{"reading the ACME account", err}
+	if acct, ok, err := i.loadAccount(ctx); ok || err != nil {
+		return acct, err
+	}
+	// Hosts sharing the storage share the account, and one of them
+	// registers it: Let's Encrypt allows 10 registrations per IP address
+	// per 3 hours.
+	unlock, err := lockStorage(ctx, i.store.s, "register_account_"+i.store.issuerKey, i.log)
+	if err != nil {
+		return acme.Account{}, err
+	}
+	defer unlock()
+	if acct, ok, err := i.loadAccount(ctx); ok || err != nil {
+		return acct, err
 	}
 
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -80,6 +82,24 @@ func (i *issuer) getAccount(ctx context.Context) (acme.Account, error) {
 	}
 	i.account = &acct
 	return acct, nil
+}
+
+// loadAccount reads the stored account, if there is a usable one.
+func (i *issuer) loadAccount(ctx context.Context) (acme.Account, bool, error) {
+	raw, err := i.store.s.Load(ctx, i.accountKey())
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return acme.Account{}, false, nil
+	case err != nil:
+		return acme.Account{}, false, &storageError{"reading the ACME account", err}
+	}
+	acct, err := parseStoredAccount(raw)
+	if err != nil {
+		i.log.Warn("stored ACME account unusable; registering a new one", "key", i.accountKey(), "err", err)
+		return acme.Account{}, false, nil
+	}
+	i.account = &acct
+	return acct, true, nil
 }
 
 func parseStoredAccount(raw []byte) (acme.Account, error) {

@@ -116,3 +116,50 @@ func TestSharedStorageSource(t *testing.T) {
 	ca.Close()
 	leaks()
 }
+
+// TestSharedStorageOneAccount: hosts of different identities sharing one
+// storage, started together, register one ACME account between them (Let's
+// Encrypt allows 10 registrations per IP address per 3 hours): the first
+// registers it under the storage's account lock, the others read it.
+func TestSharedStorageOneAccount(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	ca := startCAProxy(t, f)
+	leaks := leakCheck(t)
+	st := storage.Memory()
+	// The health checks wait for each other, so that the four hosts come
+	// to the account together.
+	const hosts = 4
+	var arrived atomic.Int32
+	all := make(chan struct{})
+	f.SetBrokerFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.URL.Path != healthPath {
+			return false
+		}
+		if arrived.Add(1) == hosts {
+			close(all)
+		}
+		select {
+		case <-all:
+		case <-r.Context().Done():
+		}
+		return false
+	})
+	defer f.SetBrokerFault(nil)
+	var rigs []*faultRig
+	for range hosts {
+		clk := newClockAtNow()
+		clk.SetHorizon(clk.Now().Add(time.Minute)) // before the first ARI poll can be due
+		rigs = append(rigs, startRig(t, f, clk, nil, nil, WithStorage(st), WithCA(ca.URL, ca.Roots)))
+	}
+	for _, r := range rigs {
+		r.waitLoaded(t)
+	}
+	if n := count(ca.Requests(), http.MethodPost, "/sign-me-up"); n != 1 {
+		t.Errorf("%d ACME accounts registered by 4 hosts sharing storage, want 1", n)
+	}
+	for _, r := range rigs {
+		r.close(t)
+	}
+	ca.Close()
+	leaks()
+}

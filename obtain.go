@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"time"
 
 	"github.com/caddyserver/certmagic"
@@ -29,7 +30,7 @@ const (
 // obtain gets a new certificate (or renews the one in use) and serves it
 // once the storage's lock is released.
 func (m *manager) obtain(ctx context.Context) error {
-	unlock, err := m.lock(ctx)
+	unlock, err := lockStorage(ctx, m.cfg.storage, m.store.lockName(), m.log)
 	if err != nil {
 		return err
 	}
@@ -100,13 +101,12 @@ func (m *manager) obtainLocked(ctx context.Context) (*servedCert, CertSource, er
 	return c, Obtained, nil
 }
 
-// lock takes the storage's lock for the name, within lockTimeout, and
-// returns the function that releases it.
-func (m *manager) lock(ctx context.Context) (func(), error) {
-	name := m.store.lockName()
+// lockStorage takes the storage's lock name within lockTimeout, and returns
+// the function that releases it.
+func lockStorage(ctx context.Context, s certmagic.Storage, name string, log *slog.Logger) (func(), error) {
 	lctx, cancel := context.WithTimeout(ctx, lockTimeout)
 	defer cancel()
-	if err := m.cfg.storage.Lock(lctx, name); err != nil {
+	if err := s.Lock(lctx, name); err != nil {
 		switch {
 		case ctx.Err() != nil:
 			return nil, ctx.Err()
@@ -118,8 +118,8 @@ func (m *manager) lock(ctx context.Context) (func(), error) {
 	return func() {
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), unlockTimeout)
 		defer cancel()
-		if err := m.cfg.storage.Unlock(uctx, name); err != nil {
-			m.log.Warn("could not release the storage lock", "lock", name, "err", err)
+		if err := s.Unlock(uctx, name); err != nil {
+			log.Warn("could not release the storage lock", "lock", name, "err", err)
 		}
 	}, nil
 }
