@@ -8,7 +8,6 @@ package autotls
 import (
 	"context"
 	"fmt"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -18,49 +17,6 @@ import (
 	"github.com/p2ptls/autotls/internal/testforge"
 	"github.com/p2ptls/autotls/storage"
 )
-
-// callCounter counts every call made to a storage, Unlock included. Each call to
-// storage/postgres is one SQL statement (Lock's is one per attempt, and
-// uncontended locks take one), apart from the lease renewals of held
-// locks, every 20 s by default, which no operation here lasts long
-// enough to need.
-type callCounter struct {
-	certmagic.Storage
-	n atomic.Int64
-}
-
-func (s *callCounter) Store(ctx context.Context, key string, value []byte) error {
-	s.n.Add(1)
-	return s.Storage.Store(ctx, key, value)
-}
-func (s *callCounter) Load(ctx context.Context, key string) ([]byte, error) {
-	s.n.Add(1)
-	return s.Storage.Load(ctx, key)
-}
-func (s *callCounter) Delete(ctx context.Context, key string) error {
-	s.n.Add(1)
-	return s.Storage.Delete(ctx, key)
-}
-func (s *callCounter) Exists(ctx context.Context, key string) bool {
-	s.n.Add(1)
-	return s.Storage.Exists(ctx, key)
-}
-func (s *callCounter) List(ctx context.Context, path string, recursive bool) ([]string, error) {
-	s.n.Add(1)
-	return s.Storage.List(ctx, path, recursive)
-}
-func (s *callCounter) Stat(ctx context.Context, key string) (certmagic.KeyInfo, error) {
-	s.n.Add(1)
-	return s.Storage.Stat(ctx, key)
-}
-func (s *callCounter) Lock(ctx context.Context, name string) error {
-	s.n.Add(1)
-	return s.Storage.Lock(ctx, name)
-}
-func (s *callCounter) Unlock(ctx context.Context, name string) error {
-	s.n.Add(1)
-	return s.Storage.Unlock(ctx, name)
-}
 
 // storageBackend is a storage to benchmark: a new, empty one per call.
 type storageBackend struct {
@@ -91,15 +47,15 @@ func BenchmarkStorageIssue(b *testing.B) {
 		b.Run(be.name, func(b *testing.B) {
 			f := startForge(b, testforge.Config{})
 			st, schema := be.open(b)
-			cs := &callCounter{Storage: st}
+			cs := &countingStorage{Storage: st, n: &storageCounts{}}
 			tracedIssue(b, f, storage.Memory()) // warm up, apart
 			var times, prep, store []float64
 			calls := int64(0)
 			b.ResetTimer()
 			for range b.N {
-				n0 := cs.n.Load()
+				n0 := cs.n.total()
 				t, _ := tracedIssue(b, f, cs)
-				calls += cs.n.Load() - n0
+				calls += cs.n.total() - n0
 				times = append(times, ms(t.loaded.Sub(t.start)))
 				p := t.phases()
 				prep = append(prep, p[2])
@@ -148,13 +104,13 @@ func BenchmarkStorageRestart(b *testing.B) {
 		b.Run(be.name, func(b *testing.B) {
 			f := startForge(b, testforge.Config{})
 			st, _ := be.open(b)
-			cs := &callCounter{Storage: st}
+			cs := &countingStorage{Storage: st, n: &storageCounts{}}
 			key := benchKey(b)
 			h := benchHost(b, f, key, WithStorage(cs))
 			waitCert(b, h, time.Minute)
 			_ = h.Close()
 			var times []float64
-			before, n0 := f.Stats(), cs.n.Load()
+			before, n0 := f.Stats(), cs.n.total()
 			b.ResetTimer()
 			for range b.N {
 				start := time.Now()
@@ -173,7 +129,7 @@ func BenchmarkStorageRestart(b *testing.B) {
 			b.StopTimer()
 			d := statsDelta(f.Stats(), before)
 			b.ReportMetric(median(times), "ms")
-			b.ReportMetric(float64(cs.n.Load()-n0)/float64(b.N), "calls/op")
+			b.ReportMetric(float64(cs.n.total()-n0)/float64(b.N), "calls/op")
 			b.ReportMetric(float64(d.Health+d.Challenge+d.CA+d.DNS)/float64(b.N), "forge-req/op")
 		})
 	}
@@ -187,7 +143,7 @@ func BenchmarkStorageRenew(b *testing.B) {
 		b.Run(be.name, func(b *testing.B) {
 			f := startForge(b, testforge.Config{})
 			st, _ := be.open(b)
-			cs := &callCounter{Storage: st}
+			cs := &countingStorage{Storage: st, n: &storageCounts{}}
 			var m *manager
 			h := benchHost(b, f, benchKey(b), WithStorage(cs), withManager(func(x *manager) { m = x }))
 			defer h.Close()
@@ -198,7 +154,7 @@ func BenchmarkStorageRenew(b *testing.B) {
 			defer sub.Close()
 			nextCert(b, sub.Out(), time.Minute)
 			var times []float64
-			n0 := cs.n.Load()
+			n0 := cs.n.total()
 			b.ResetTimer()
 			for range b.N {
 				start := time.Now()
@@ -207,7 +163,7 @@ func BenchmarkStorageRenew(b *testing.B) {
 			}
 			b.StopTimer()
 			b.ReportMetric(median(times), "ms")
-			b.ReportMetric(float64(cs.n.Load()-n0)/float64(b.N), "calls/op")
+			b.ReportMetric(float64(cs.n.total()-n0)/float64(b.N), "calls/op")
 		})
 	}
 }

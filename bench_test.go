@@ -336,10 +336,16 @@ func statsDelta(a, b testforge.Stats) testforge.Stats {
 
 // storageCounts counts calls to a certmagic.Storage.
 type storageCounts struct {
-	reads  atomic.Int64 // Load, Exists, Stat, List
-	writes atomic.Int64 // Store
-	dels   atomic.Int64 // Delete
-	locks  atomic.Int64 // Lock
+	reads   atomic.Int64 // Load, Exists, Stat, List
+	writes  atomic.Int64 // Store
+	dels    atomic.Int64 // Delete
+	locks   atomic.Int64 // Lock
+	unlocks atomic.Int64 // Unlock
+}
+
+// total is every call counted: one SQL statement each on PostgreSQL.
+func (c *storageCounts) total() int64 {
+	return c.reads.Load() + c.writes.Load() + c.dels.Load() + c.locks.Load() + c.unlocks.Load()
 }
 
 // countingStorage counts the calls to the certmagic.Storage it wraps. It
@@ -383,6 +389,11 @@ func (s *countingStorage) Delete(ctx context.Context, key string) error {
 func (s *countingStorage) Lock(ctx context.Context, name string) error {
 	s.n.locks.Add(1)
 	return s.Storage.Lock(ctx, name)
+}
+
+func (s *countingStorage) Unlock(ctx context.Context, name string) error {
+	s.n.unlocks.Add(1)
+	return s.Storage.Unlock(ctx, name)
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
