@@ -581,15 +581,8 @@ func BenchmarkRestart(b *testing.B) {
 		_ = p.Close()
 		b.StartTimer()
 
-		start = time.Now()
-		h := benchHost(b, f, key, WithStorage(store))
-		for len(browserAddrs(h, f.Domain)) == 0 {
-			if time.Since(start) > 10*time.Second {
-				b.Fatalf("no browser address announced; have %v", h.Addrs())
-			}
-			time.Sleep(50 * time.Microsecond)
-		}
-		stored = append(stored, ms(time.Since(start)))
+		h, d := restartHost(b, f, key, store)
+		stored = append(stored, ms(d))
 		b.StopTimer()
 		_ = h.Close()
 		b.StartTimer()
@@ -604,6 +597,22 @@ func BenchmarkRestart(b *testing.B) {
 	b.ReportMetric(float64(st.Health+st.Challenge)/n, "broker-req/op")
 	b.ReportMetric(float64(st.CA)/n, "ca-req/op")
 	b.ReportMetric(float64(st.DNS)/n, "dns-req/op")
+}
+
+// restartHost starts a host with identity key on store, which holds its
+// certificate, and returns it with the time until its browser address
+// was announced.
+func restartHost(b *testing.B, f *testforge.Forge, key crypto.PrivKey, store certmagic.Storage) (host.Host, time.Duration) {
+	b.Helper()
+	start := time.Now()
+	h := benchHost(b, f, key, WithStorage(store))
+	for len(browserAddrs(h, f.Domain)) == 0 {
+		if time.Since(start) > 10*time.Second {
+			b.Fatalf("no browser address announced; have %v", h.Addrs())
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
+	return h, time.Since(start)
 }
 
 // ---- Handshakes ----

@@ -259,19 +259,7 @@ func breakDir(t *testing.T, dir string) (fix func()) {
 			}
 		}
 	}
-	aside := dir + ".real"
-	if err := os.Rename(dir, aside); err != nil {
-		t.Fatal(err)
-	}
-	mustWrite(t, dir, []byte("not a directory"))
-	return func() {
-		if err := os.Remove(dir); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Rename(aside, dir); err != nil {
-			t.Fatal(err)
-		}
-	}
+	return replaceDirWithFile(t, dir)
 }
 
 // TestFaultStorageUnwritable: with a storage directory that cannot be

@@ -181,7 +181,7 @@ func (h serveHook) WithGroup(name string) slog.Handler {
 
 // replaceDirWithFile puts a regular file where dir was, so that every
 // read and write below it fails (ENOTDIR), for root too. It returns the
-// repair. (breakDir in faults_storage_test.go does the same for root only.)
+// repair. (breakDir in faults_storage_test.go uses it when run as root.)
 func replaceDirWithFile(t *testing.T, dir string) (fix func()) {
 	t.Helper()
 	aside := dir + ".real"
