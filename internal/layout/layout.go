@@ -2,7 +2,9 @@
 // in what form: the keys of the certificate, its private key and metadata
 // (certmagic's own layout, so that what certmagic or an earlier release
 // stored is read as it is), of the pending order, the ACME account and the
-// issuance record, the lock names, and the records stored under them.
+// issuance record, the lock names, and the records stored under them; and
+// the DNS names they are for (the certificate name, the PeerID and IP
+// labels).
 //
 // The library writes storage through it, and cmd/autotls reads the same
 // storage through it; neither keeps its own copy of a key name.
