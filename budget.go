@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"slices"
 	"time"
 
 	"github.com/p2ptls/autotls/internal/layout"
@@ -109,7 +108,5 @@ func (p *pairStore) issuances(ctx context.Context, now time.Time) ([]issuance, e
 		p.log.Warn("the issuance budget is unreadable; starting it afresh", "key", p.budgetKey(), "err", err)
 		return nil, nil
 	}
-	recent := slices.DeleteFunc(all, func(i issuance) bool { return !i.At.Add(budgetWindow).After(now) })
-	slices.SortFunc(recent, func(a, b issuance) int { return a.At.Compare(b.At) })
-	return recent, nil
+	return layout.Recent(all, now), nil
 }

@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -150,4 +151,12 @@ const (
 type Issuance struct {
 	At     time.Time `json:"at"`     // on the recording host's clock
 	Serial string    `json:"serial"` // hexadecimal
+}
+
+// Recent returns the issuances of all still within [BudgetWindow] at now,
+// oldest first. It reorders all.
+func Recent(all []Issuance, now time.Time) []Issuance {
+	recent := slices.DeleteFunc(all, func(i Issuance) bool { return !i.At.Add(BudgetWindow).After(now) })
+	slices.SortFunc(recent, func(a, b Issuance) int { return a.At.Compare(b.At) })
+	return recent
 }
