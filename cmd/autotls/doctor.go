@@ -73,6 +73,8 @@ func runDoctor(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		fmt.Fprintf(stderr, "autotls doctor: %v\n", err)
 		return 2
 	}
+	defer d.caClient.CloseIdleConnections()
+	defer d.brokerClient.CloseIdleConnections()
 	failed := false
 	d.run(ctx, func(c check) {
 		failed = failed || c.status == statusFail
@@ -183,7 +185,7 @@ func (d *doctor) checkStorage(ctx context.Context) (certmagic.Storage, check) {
 	}
 	var b [8]byte
 	_, _ = rand.Read(b[:])
-	probe := "autotls/doctor/" + hex.EncodeToString(b[:]) + ".probe"
+	probe := "autotls/doctor-" + hex.EncodeToString(b[:]) + ".probe"
 	notWritable := func(err error) (certmagic.Storage, check) {
 		return st, fail(name, "%s is not writable (%s); make it writable by the user the host runs as: the host keeps its certificate, key and ACME account there", d.dir, describe(err))
 	}
