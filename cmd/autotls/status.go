@@ -10,6 +10,8 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path"
+	"sort"
 	"strings"
 	"time"
 
@@ -97,6 +99,9 @@ func inspectCert(ctx context.Context, st certmagic.Storage, t *target, now time.
 	}
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
+		if others := otherIssuers(ctx, st, t); len(others) > 0 {
+			return certState{none: true, text: fmt.Sprintf("none stored for this name and CA, but one from another CA (%s); if the host uses that CA, pass its directory URL with -ca", strings.Join(others, ", "))}
+		}
 		return certState{none: true, text: "none stored for this name and CA; the host requests one once it is publicly reachable"}
 	case err != nil:
 		return certState{text: fmt.Sprintf("cannot read: %v; the host cannot start serving until storage reads again", err)}
@@ -120,6 +125,25 @@ func inspectCert(ctx context.Context, st certmagic.Storage, t *target, now time.
 		return certState{text: fmt.Sprintf("unusable: %v; the host moves it aside at its next start and requests a new one", bad)}
 	}
 	return certState{text: fmt.Sprintf("unusable: %v", err)}
+}
+
+// otherIssuers returns the issuer keys, other than t's, under which a
+// certificate for t's name is stored: a host run with another -ca (such
+// as Let's Encrypt's staging CA) keeps its certificate there.
+func otherIssuers(ctx context.Context, st certmagic.Storage, t *target) []string {
+	dirs, err := st.List(ctx, layout.CertsRoot(), false)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, d := range dirs {
+		issuer := path.Base(d)
+		if issuer != t.issuer && st.Exists(ctx, layout.CertKey(issuer, t.name)) {
+			out = append(out, issuer)
+		}
+	}
+	sort.Strings(out)
+	return out
 }
 
 // left is a duration as days, or hours and minutes under a day.

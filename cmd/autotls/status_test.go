@@ -81,7 +81,7 @@ func TestStatus(t *testing.T) {
 		h := head(f, is)
 		h[3] = "CA           https://ca.invalid/dir"
 		checkOutput(t, out, code, lines(append(h,
-			"certificate  none stored for this name and CA; the host requests one once it is publicly reachable",
+			"certificate  none stored for this name and CA, but one from another CA ("+layout.IssuerKey(f.CAURL)+"); if the host uses that CA, pass its directory URL with -ca",
 			"pending      none",
 			"account      none; the host registers one with the CA before its next order",
 			"issued       0 of 5 certificates in the last 7 days")...), 1)

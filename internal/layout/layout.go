@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"path"
 	"slices"
 	"strings"
 	"time"
@@ -35,6 +36,10 @@ func IssuerKey(caURL string) string {
 	}
 	return certmagic.StorageKeys.Safe(strings.ReplaceAll(u.Host+u.Path, "/", "-"))
 }
+
+// CertsRoot is the prefix under which certificates are stored, one
+// directory per issuer key.
+func CertsRoot() string { return path.Dir(certmagic.StorageKeys.CertsPrefix("x")) }
 
 // CertKey is the key of the certificate chain (PEM) for name, issued by
 // the CA with the issuer key issuer.
