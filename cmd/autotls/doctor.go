@@ -66,8 +66,8 @@ func runDoctor(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	})
 	fset.BoolVar(&d.allowPrivate, "allow-private", false, "private and loopback addresses are fine (the host runs WithAllowPrivateAddrs)")
 	fset.DurationVar(&d.timeout, "timeout", 10*time.Second, "how long each network check may take")
-	if !parse(fset, &d.target, args, stderr) {
-		return 2
+	if code := parse(fset, &d.target, args, "Checks what the host needs, one line each: storage, the stored certificate,\nthe broker, the forge's DNS, the CA, the host's addresses. Exits 1 when a\ncheck fails.", stderr); code >= 0 {
+		return code
 	}
 	if err := d.setup(); err != nil {
 		fmt.Fprintf(stderr, "autotls doctor: %v\n", err)

@@ -142,20 +142,36 @@ func (t *target) resolve() error {
 	return nil
 }
 
-// parse parses args into fs, then resolves t; it reports a problem on
-// stderr and returns false.
-func parse(fs *flag.FlagSet, t *target, args []string, stderr io.Writer) bool {
+// example is how the examples/node program's storage is named.
+const example = `
+examples/node -production keeps its key and storage in the per-user data
+directory (here as on Linux; see storage.DefaultDir for other systems):
+
+  autotls %s -identity ~/.local/share/autotls/identity.key -storage ~/.local/share/autotls/certmagic
+`
+
+// parse parses args into fs, then resolves t. It returns -1 to go on, or
+// the exit status: 0 after -h, 2 after a problem reported on stderr.
+func parse(fs *flag.FlagSet, t *target, args []string, about string, stderr io.Writer) int {
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: autotls %s [flags]\n\n%s\n\n", fs.Name(), about)
+		fs.PrintDefaults()
+		fmt.Fprintf(stderr, example, fs.Name())
+	}
 	if err := fs.Parse(args); err != nil {
-		return false
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "autotls %s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
-		return false
+		return 2
 	}
 	if err := t.resolve(); err != nil {
 		fmt.Fprintf(stderr, "autotls %s: %v\n", fs.Name(), err)
-		return false
+		return 2
 	}
-	return true
+	return -1
 }

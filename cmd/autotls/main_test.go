@@ -159,6 +159,7 @@ func TestUsage(t *testing.T) {
 		wantErr string
 	}{
 		{"no command", nil, 2, "usage:"},
+		{"help", []string{"doctor", "-h"}, 0, "usage: autotls doctor [flags]\n"},
 		{"unknown command", []string{"stats"}, 2, `autotls: unknown command "stats"`},
 		{"no identity", []string{"status"}, 2, "autotls status: name the host: -peer <PeerID>, or -identity <key file>\n"},
 		{"both identities", []string{"status", "-peer", "x", "-identity", "y"}, 2, "autotls status: give -peer or -identity, not both\n"},

@@ -26,8 +26,8 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	fset := flag.NewFlagSet("status", flag.ContinueOnError)
 	var t target
 	t.flags(fset)
-	if !parse(fset, &t, args, stderr) {
-		return 2
+	if code := parse(fset, &t, args, "Shows what storage holds for the host: its certificate, a pending order,\nits ACME account, the certificates issued lately. No network. Exits 0 when\na valid certificate is stored, 1 when not.", stderr); code >= 0 {
+		return code
 	}
 	valid := status(ctx, &t, time.Now(), func(label, text string) {
 		fmt.Fprintf(stdout, "%-12s %s\n", label, text)
