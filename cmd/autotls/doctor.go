@@ -392,6 +392,9 @@ func describeDNS(err error, timeout time.Duration) string {
 	var de *net.DNSError
 	if errors.As(err, &de) {
 		switch {
+		case errors.Is(err, syscall.ECONNREFUSED), strings.HasSuffix(de.Err, syscall.ECONNREFUSED.Error()):
+			// The resolver keeps only the text of a read's error.
+			return "connection refused: no DNS server there"
 		case de.IsNotFound:
 			return "no such name"
 		case de.IsTimeout:

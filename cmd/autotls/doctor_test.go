@@ -116,6 +116,20 @@ func TestDoctor(t *testing.T) {
 			line("FAIL", "dns", fmt.Sprintf("127-0-0-1.%s.example.net does not resolve through %s (server misbehaving); browsers cannot find the host at 127.0.0.1", label, f.DNSAddr)),
 			caOK, addrPrivateOK), 1)
 	})
+	t.Run("DNS server down", func(t *testing.T) {
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		dead := pc.LocalAddr().String()
+		_ = pc.Close()
+		args := append(withoutFlag(doctorArgs(t, f, is, "-allow-private"), "-dns"), "-dns", dead, "-timeout", "2s")
+		out, code := cmd(t, args...)
+		checkOutput(t, out, code, lines(storageOK, certOK, brokerOK,
+			line("FAIL", "dns", fmt.Sprintf("_acme-challenge.%s.%s does not resolve through %s (connection refused: no DNS server there); the CA cannot validate a challenge: check -forge and -dns", label, f.Domain, dead)),
+			line("FAIL", "dns", fmt.Sprintf("127-0-0-1.%s.%s does not resolve through %s (connection refused: no DNS server there); browsers cannot find the host at 127.0.0.1", label, f.Domain, dead)),
+			caOK, addrPrivateOK), 1)
+	})
 	t.Run("storage unwritable", func(t *testing.T) {
 		d := copyStore(t, is)
 		readOnly(t, d.dir)

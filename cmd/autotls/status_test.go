@@ -140,6 +140,15 @@ func TestStatus(t *testing.T) {
 			"account      none; the host registers one with the CA before its next order",
 			"issued       1 of 5 certificates in the last 7 days")...), 0)
 	})
+	t.Run("read-only storage", func(t *testing.T) {
+		d := copyStore(t, is)
+		readOnly(t, d.dir)
+		out, code := cmd(t, statusArgs(f, d)...)
+		checkOutput(t, out, code, lines(append(append(head(f, d), certLines(f, d)...),
+			"pending      none",
+			"account      "+acct,
+			"issued       1 of 5 certificates in the last 7 days")...), 0)
+	})
 	t.Run("account unusable", func(t *testing.T) {
 		d := copyStore(t, is)
 		if err := os.WriteFile(storePath(d.dir, layout.AccountKey(ik, "")), []byte(`{"location":""}`), 0o600); err != nil {
