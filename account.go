@@ -13,6 +13,7 @@ import (
 	"io/fs"
 
 	"github.com/mholt/acmez/v3/acme"
+
 	"github.com/p2ptls/autotls/internal/layout"
 )
 

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/certmagic"
+
 	"github.com/p2ptls/autotls/internal/layout"
 )
 
@@ -41,6 +42,7 @@ type (
 // issuerKey names the CA in storage paths ([layout.IssuerKey]).
 func issuerKey(caURL string) string { return layout.IssuerKey(caURL) }
 
+// asideSuffix marks an unusable pair moved aside ([layout.AsideSuffix]).
 const asideSuffix = layout.AsideSuffix
 
 func (p *pairStore) certKey() string    { return layout.CertKey(p.issuerKey, p.name) }
