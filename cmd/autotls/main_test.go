@@ -18,6 +18,7 @@ import (
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 	"go.uber.org/goleak"
@@ -73,28 +74,32 @@ func issue(t *testing.T, f *testforge.Forge) issued {
 	}
 	defer h.Close()
 	is.id = h.ID()
-	sub, err := h.EventBus().Subscribe(new(autotls.EvtCertificateLoaded))
+	// The WSS address is announced once the certificate is loaded; each
+	// change of the host's addresses is an event.
+	sub, err := h.EventBus().Subscribe(new(event.EvtLocalAddressesUpdated))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer sub.Close()
-	select {
-	case <-sub.Out():
-	case <-time.After(30 * time.Second):
-		t.Fatal("no certificate within 30 s")
-	}
-	// The served certificate, read over TLS from the WSS listener.
-	var wss ma.Multiaddr
-	for deadline := time.Now().Add(5 * time.Second); wss == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+	wssAddr := func() ma.Multiaddr {
 		for _, a := range h.Addrs() {
 			if _, err := a.ValueForProtocol(ma.P_SNI); err == nil {
-				wss = a
+				return a
 			}
 		}
+		return nil
 	}
-	if wss == nil {
-		t.Fatalf("no WSS address announced: %v", h.Addrs())
+	timeout := time.After(30 * time.Second)
+	wss := wssAddr()
+	for wss == nil {
+		select {
+		case <-sub.Out():
+			wss = wssAddr()
+		case <-timeout:
+			t.Fatalf("no WSS address announced within 30 s: %v", h.Addrs())
+		}
 	}
+	// The served certificate, read over TLS from the WSS listener.
 	sni, _ := wss.ValueForProtocol(ma.P_SNI)
 	ip, _ := wss.ValueForProtocol(ma.P_IP4)
 	is.tcpPort, _ = wss.ValueForProtocol(ma.P_TCP)
