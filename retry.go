@@ -164,8 +164,10 @@ func classify(err error, now time.Time) failure {
 	if errors.As(err, &ce) {
 		caName = "the CA (" + ce.ca + ")"
 		f.retryAt = ce.retryAt
-		f.kind, f.key = kindCAUnreachable, string(kindCAUnreachable)
-		f.sentence = caName + " is unreachable; retrying"
+		if sentence, ok := caUnreachable(err, caName); ok {
+			f.kind, f.key = kindCAUnreachable, string(kindCAUnreachable)
+			f.sentence = sentence
+		}
 	}
 	if errors.As(err, &prob) {
 		f.key = fmt.Sprintf("ca %s %d", prob.Type, prob.Status)
