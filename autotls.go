@@ -160,7 +160,7 @@ func shareTCP(cm *tcpreuse.ConnMgr, u transport.Upgrader) *tcpreuse.ConnMgr {
 // factory and keeps the user's forge listen addresses for itself (they are
 // opened once a certificate is loaded).
 func (m *manager) configure(cfg *libp2p.Config) {
-	cfg.AddrsFactory = m.wrapAddrsFactory(cfg.AddrsFactory)
+	cfg.AddrsFactory = m.wrapAddrsFactory(m.announceShared(cfg.AddrsFactory))
 	var keep []ma.Multiaddr
 	for _, a := range cfg.ListenAddrs {
 		if isForgeListenAddr(a, m.cfg.forgeDomain) {

@@ -170,6 +170,9 @@ func (m *manager) checkTCPListeners() error {
 	if len(m.listen.addrs) > 0 {
 		return nil
 	}
+	if shared := m.sharedWSS.Load(); shared != nil && len(*shared) > 0 {
+		return nil
+	}
 	var on []ma.Multiaddr
 	for _, a := range m.sw.ListenAddresses() {
 		if !isRelay(a) {

@@ -92,7 +92,7 @@ func TestClassifyDelays(t *testing.T) {
 		{"CA unreachable", &caError{ca: "https://ca/dir", err: refused()}, kindCAUnreachable, 0, false, 0, "the CA (https://ca/dir) is unreachable; retrying"},
 		{"CA name unknown", &caError{ca: "https://ca.invalid/dir", err: &url.Error{Op: "Get", URL: "https://ca.invalid/dir", Err: &net.OpError{Op: "dial", Net: "tcp", Err: &net.DNSError{Name: "ca.invalid", Err: "no such host", IsNotFound: true}}}}, kindCAUnreachable, 0, false, 0, "the CA (https://ca.invalid/dir) is unreachable: its name does not resolve (ca.invalid)"},
 		{"CA not trusted", &caError{ca: "https://ca/dir", err: &url.Error{Op: "Get", URL: "https://ca/dir", Err: &tls.CertificateVerificationError{Err: x509.UnknownAuthorityError{}}}}, kindCAUnreachable, 0, false, 0, "the CA (https://ca/dir) is unreachable: its HTTPS certificate is not trusted here"},
-		{"CA answer not understood", &caError{ca: "https://ca/dir", err: errors.New("decoding the directory: invalid character '<'")}, kindOther, 0, false, 0, "certificate request failed"},
+		{"CA answer not understood", &caError{ca: "https://ca/dir", err: errors.New("HTTP 503: <html>No server is available</html>")}, kindCA, 0, false, 0, "the CA (https://ca/dir) is failing; retrying"},
 		{"storage", &storageError{"storing the certificate", errors.New("read-only file system")}, kindStorage, 0, false, 0, "storage"},
 		{"lock", &lockError{name: "issue_cert_x", err: context.DeadlineExceeded}, kindLock, 0, false, 0, "lock"},
 	} {

@@ -52,6 +52,9 @@ type manager struct {
 	// setupErr is a mistake found while the host was built (checks.go),
 	// returned from libp2p.New.
 	setupErr error
+	// sharedWSS are the TCP listen addresses whose port a WSS listener of
+	// the user's holds, which serves the forge's names too (owncert.go).
+	sharedWSS atomic.Pointer[[]ma.Multiaddr]
 
 	cert   atomic.Pointer[servedCert]
 	reach  reachability

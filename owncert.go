@@ -3,9 +3,12 @@ package autotls
 import (
 	"crypto/tls"
 	"errors"
+	"net"
 	"reflect"
+	"slices"
 
 	ws "github.com/libp2p/go-libp2p/p2p/transport/websocket"
+	ma "github.com/multiformats/go-multiaddr"
 )
 
 // WithTLSConfig hands the WSS listeners the TLS configuration that serves
@@ -69,4 +72,60 @@ func (m *manager) noteReplaced(t *ws.WebsocketTransport) {
 	if m.setupErr == nil {
 		m.setupErr = errors.New("autotls: a WebSocket transport given with websocket.WithTLSConfig is replaced by autotls's, and its certificate would never be served: pass that *tls.Config to autotls.WithTLSConfig instead")
 	}
+}
+
+// userWSSOn reports whether the host has a WSS listener of the user's
+// (not a forge listen address) on tcp's IP and port. Only one TLS listener
+// can share a TCP port, so the forge's names are served there, by that
+// listener, rather than by one of ours.
+func (m *manager) userWSSOn(tcp ma.Multiaddr) bool {
+	for _, a := range m.sw.ListenAddresses() {
+		if isWSS(a) && !isForgeListenAddr(a, m.cfg.forgeDomain) && len(a) >= 2 && a[:2].Equal(tcp) {
+			return true
+		}
+	}
+	return false
+}
+
+// announceShared wraps the user's address factory: for each address of a
+// user's WSS listener that serves the forge's names too (planListeners),
+// it adds the forge listen address of the same IP and port, which the
+// address rewriting then announces in the browser-dialable form while the
+// certificate is valid, as it does for our own listeners.
+func (m *manager) announceShared(user func([]ma.Multiaddr) []ma.Multiaddr) func([]ma.Multiaddr) []ma.Multiaddr {
+	return func(in []ma.Multiaddr) []ma.Multiaddr {
+		var extra []ma.Multiaddr
+		if shared := m.sharedWSS.Load(); shared != nil {
+			for _, a := range in {
+				if !isWSS(a) || isForgeListenAddr(a, m.cfg.forgeDomain) || len(a) < 2 || !isIPTCP(a[:2]) || !onPortOf(a[:2], *shared) {
+					continue
+				}
+				if w, ok := wssListenAddr(a[:2], m.cfg.forgeDomain); ok && !slices.ContainsFunc(extra, w.Equal) {
+					extra = append(extra, w)
+				}
+			}
+		}
+		if user != nil {
+			in = user(in)
+		}
+		if len(extra) == 0 {
+			return in
+		}
+		return append(slices.Clone(in), extra...)
+	}
+}
+
+// onPortOf reports whether the /ipX/<ip>/tcp/<port> address a is on one of
+// the listen addresses ls (of the same form): the same port, and the same
+// IP or an unspecified one of the same family.
+func onPortOf(a ma.Multiaddr, ls []ma.Multiaddr) bool {
+	for _, l := range ls {
+		if l[0].Code() != a[0].Code() || l[1].Value() != a[1].Value() {
+			continue
+		}
+		if l[0].Value() == a[0].Value() || net.ParseIP(l[0].Value()).IsUnspecified() {
+			return true
+		}
+	}
+	return false
 }
