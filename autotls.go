@@ -49,14 +49,16 @@ import (
 // Option returns a libp2p option that gives the host a browser-trusted
 // certificate and Secure WebSocket listeners. It adds to the host:
 //
-//   - a WebSocket transport serving the certificate (it replaces a
-//     WebSocket transport configured elsewhere; other transports, given or
-//     default, are kept);
+//   - a WebSocket transport serving the certificate, and your own for
+//     other names with [WithTLSConfig] (it replaces a WebSocket transport
+//     configured elsewhere; other transports, given or default, are kept);
 //   - a WSS listener /ipX/<ip>/tcp/<port>/tls/sni/*.<forge>/ws on the IP and
 //     port of every TCP listener, sharing the TCP port (it turns on
 //     libp2p.ShareTCPListener), or exactly the /tls/sni/*.<forge>/ws listen
 //     addresses given with libp2p.ListenAddrs, if any. The listeners are open
-//     while a valid certificate is loaded;
+//     while a valid certificate is loaded. Where a WSS listen address of
+//     your own holds a TCP listener's port, that listener serves the
+//     forge's names instead;
 //   - an address factory, run after any given with libp2p.AddrsFactory,
 //     that announces those listeners as browser-dialable addresses while
 //     the certificate is valid (public ones only unless
