@@ -92,6 +92,11 @@ func Option(opts ...Opt) libp2p.Option {
 		if len(cfg.PSK) > 0 {
 			return errPrivateNetwork
 		}
+		for _, a := range cfg.ListenAddrs {
+			if err := checkListenAddr(a, c.forgeDomain, c.userTLS != nil); err != nil {
+				return err
+			}
+		}
 		m := newManager(c)
 		var once sync.Once
 		cfg.UserFxOptions = append(cfg.UserFxOptions,

@@ -56,28 +56,16 @@ func (m *manager) checkConfig(cfg *libp2p.Config) error {
 	return checkListenAddrs(cfg.ListenAddrs, m.cfg.forgeDomain, m.cfg.userTLS != nil)
 }
 
-// checkListenAddrs refuses listen addresses that cannot work with autotls:
-// a forge listen address for another forge domain, a WSS address for other
-// names without [WithTLSConfig], and none that the WSS listener can share
+// checkListenAddrs refuses listen addresses that cannot work with autotls
+// ([checkListenAddr]), and a host with none that the WSS listener can share
 // a TCP port with.
 func checkListenAddrs(addrs []ma.Multiaddr, forge string, userTLS bool) error {
 	tcp := false
 	for _, a := range addrs {
-		if isForgeListenAddr(a, forge) || isIPTCP(a) {
-			tcp = true
-			continue
+		if err := checkListenAddr(a, forge, userTLS); err != nil {
+			return err
 		}
-		if sni, ok := wildcardSNI(a); ok {
-			return fmt.Errorf("autotls: listen address %s is for the forge domain %s, but this host uses %s: write %s", a, strings.TrimPrefix(sni, "*."), forge, withSNI(a, "*."+forge))
-		}
-		if !isWSS(a) || userTLS {
-			continue
-		}
-		hint := ""
-		if len(a) >= 2 && isIPTCP(a[:2]) {
-			hint = fmt.Sprintf(", or listen on %s for the forge's", withSNI(a, "*."+forge))
-		}
-		return fmt.Errorf("autotls: listen address %s serves Secure WebSockets for names that autotls has no certificate for: pass your certificate with autotls.WithTLSConfig%s", a, hint)
+		tcp = tcp || isForgeListenAddr(a, forge) || isIPTCP(a)
 	}
 	if tcp {
 		return nil
@@ -86,6 +74,29 @@ func checkListenAddrs(addrs []ma.Multiaddr, forge string, userTLS bool) error {
 		return errors.New("autotls: the host has no listen address, so no TCP port to share with the WSS listener: remove libp2p.NoListenAddrs, or listen on TCP, e.g. /ip4/0.0.0.0/tcp/4001")
 	}
 	return fmt.Errorf("autotls: no TCP listen address to share with the WSS listener (the host listens on %s): add one, e.g. /ip4/0.0.0.0/tcp/4001, or a /ip4/0.0.0.0/tcp/443/tls/sni/*.%s/ws listen address", joinAddrs(addrs), forge)
+}
+
+// checkListenAddr refuses a listen address that cannot work with autotls:
+// a forge listen address for another forge domain, or a WSS address for
+// other names without [WithTLSConfig]. A mistake in one address is known
+// as soon as it is given, so [Option] checks those given before it at
+// once (the error then comes without fx's log records), and the rest with
+// the final configuration.
+func checkListenAddr(a ma.Multiaddr, forge string, userTLS bool) error {
+	if isForgeListenAddr(a, forge) {
+		return nil
+	}
+	if sni, ok := wildcardSNI(a); ok {
+		return fmt.Errorf("autotls: listen address %s is for the forge domain %s, but this host uses %s: write %s", a, strings.TrimPrefix(sni, "*."), forge, withSNI(a, "*."+forge))
+	}
+	if !isWSS(a) || userTLS {
+		return nil
+	}
+	hint := ""
+	if len(a) >= 2 && isIPTCP(a[:2]) {
+		hint = fmt.Sprintf(", or listen on %s for the forge's", withSNI(a, "*."+forge))
+	}
+	return fmt.Errorf("autotls: listen address %s serves Secure WebSockets for names that autotls has no certificate for: pass your certificate with autotls.WithTLSConfig%s", a, hint)
 }
 
 // isWSS reports whether a is a Secure WebSocket address: …/tls/ws,
