@@ -85,24 +85,28 @@ func TestOwnCertificate(t *testing.T) {
 	f := startForge(t, testforge.Config{})
 	ca := newOwnCA(t)
 	const ownName = "node.example.test"
-	own := &tls.Config{Certificates: []tls.Certificate{ca.issue(t, ownName)}}
+	cert := ca.issue(t, ownName)
+	own := &tls.Config{Certificates: []tls.Certificate{cert}}
+	// As autocert's and certmagic's configurations are: a function.
+	ownFunc := &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &cert, nil }}
 	for _, tc := range []struct {
 		name   string
+		conf   *tls.Config
 		listen string // the user's WSS listen address
 		shared bool   // on the port of the host's TCP listener
 		extra  []libp2p.Option
 	}{
-		{"own port", "/ip4/127.0.0.2/tcp/0/tls/ws", false, nil},
+		{"own port", own, "/ip4/127.0.0.2/tcp/0/tls/ws", false, nil},
 		// Port 0 of the same IP: go-libp2p's shared TCP listener puts
 		// both on one port, where only one TLS listener can be: the
 		// user's, which serves the forge's names too.
-		{"port of the TCP listener", "/ip4/127.0.0.1/tcp/0/tls/ws", true, nil},
-		{"and the same config to websocket.WithTLSConfig", "/ip4/127.0.0.2/tcp/0/tls/ws", false,
-			[]libp2p.Option{libp2p.Transport(tcp.NewTCPTransport), libp2p.Transport(ws.New, ws.WithTLSConfig(own))}},
+		{"port of the TCP listener", own, "/ip4/127.0.0.1/tcp/0/tls/ws", true, nil},
+		{"GetCertificate, and the same config to websocket.WithTLSConfig", ownFunc, "/ip4/127.0.0.2/tcp/0/tls/ws", false,
+			[]libp2p.Option{libp2p.Transport(tcp.NewTCPTransport), libp2p.Transport(ws.New, ws.WithTLSConfig(ownFunc))}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			opts := append([]libp2p.Option{libp2p.ListenAddrStrings(tc.listen)}, tc.extra...)
-			h := newHost(t, f, opts, WithStorage(storage.Memory()), WithTLSConfig(own))
+			h := newHost(t, f, opts, WithStorage(storage.Memory()), WithTLSConfig(tc.conf))
 			waitCert(t, h, 30*time.Second)
 			forgeAddr := waitBrowserAddr(t, h, f.Domain, "/ip4/127.0.0.1/")
 			forgeSNI := "127-0-0-1." + testforge.PeerLabel(h.ID()) + "." + f.Domain
