@@ -163,11 +163,20 @@ func TestMistakeStorageNotWritable(t *testing.T) {
 	}
 	pingOverTCP(t, f, h)
 	r.closeAndCheck(t, leaks)
-	if _, err := os.Stat(dir + ".real/autotls/probe"); err == nil {
-		entries, _ := os.ReadDir(dir + ".real/autotls/probe")
-		if len(entries) != 0 {
-			t.Errorf("test keys left behind: %v", entries)
-		}
+}
+
+// TestStorageProbeLeavesNothing: the start-up check of a working storage
+// leaves no key behind.
+func TestStorageProbeLeavesNothing(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	r, dir, _ := startDirRig(t, f)
+	r.close(t)
+	entries, err := os.ReadDir(filepath.Join(dir, "autotls", "probe"))
+	if err != nil {
+		t.Fatalf("the check wrote no test key: %v", err)
+	}
+	if len(entries) != 0 {
+		t.Errorf("test keys left behind: %v", entries)
 	}
 }
 
