@@ -48,6 +48,8 @@ type config struct {
 	logger               *slog.Logger
 	httpClient           *http.Client
 	userTLS              *tls.Config // WithTLSConfig: serves the user's own names
+	httpHandler          http.Handler
+	httpServerConfig     func(*http.Server)
 
 	// For this package's tests; not public API.
 	clock     clock
