@@ -452,3 +452,66 @@ func hostOnly(hostport string) string {
 	}
 	return hostport
 }
+
+// TestHTTPAddrsWithdrawnAtExpiry: when renewal keeps failing until the
+// certificate expires, the /http addresses go with the /ws ones and the
+// port no longer serves the handler; until then both are there.
+func TestHTTPAddrsWithdrawnAtExpiry(t *testing.T) {
+	f := startForge(t, testforge.Config{CertValidity: 24 * time.Hour})
+	ca := startCAProxy(t, f)
+	leaks := leakCheck(t)
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(time.Minute))
+	r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots), WithHTTPHandler(helloHandler()))
+	r.closers = append(r.closers, ca.Close)
+	served := r.waitLoaded(t)
+	httpAddr, _ := waitHTTPAddr(t, r.h, f.Domain, "/ip4/")
+	target := targetOf(t, f, httpAddr)
+	clk.WaitParked(t, 30*time.Second)
+	forgetValidAuthz(t, r, ca)
+	expired, err := r.h.EventBus().Subscribe(new(EvtCertificateExpired))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer expired.Close()
+	f.SetBrokerFault(func(w http.ResponseWriter, r *http.Request) bool {
+		http.Error(w, "maintenance", http.StatusServiceUnavailable)
+		return true
+	})
+	defer f.SetBrokerFault(nil)
+
+	notAfter := served.leaf.NotAfter
+	clk.SetHorizon(notAfter.Add(-time.Minute))
+	clk.WaitParked(t, 30*time.Second)
+	if a := httpAddrs(r.h, f.Domain); len(a) != 1 {
+		t.Fatalf("a minute before expiry the /http addresses are %v, want %s", a, httpAddr)
+	}
+	tr := httpsTransport(f.IssuerRoots, target.dial, "h2")
+	// The fake clock is hours ahead; the client checks the certificate
+	// against it, as the host does.
+	tr.TLSClientConfig.Time = clk.Now
+	if resp, _ := get(t, tr, target.url+"/hello"); resp.StatusCode != http.StatusOK {
+		t.Fatalf("a minute before expiry: %s", resp.Status)
+	}
+	tr.CloseIdleConnections()
+
+	clk.SetHorizon(notAfter.Add(time.Hour))
+	select {
+	case <-expired.Out():
+	case <-time.After(30 * time.Second):
+		t.Fatal("no EvtCertificateExpired")
+	}
+	if a := httpAddrs(r.h, f.Domain); len(a) != 0 {
+		t.Errorf("/http addresses still announced after expiry: %v", a)
+	}
+	if a := browserAddrs(r.h, f.Domain); len(a) != 0 {
+		t.Errorf("browser addresses still announced after expiry: %v", a)
+	}
+	if resp, err := tr.RoundTrip(mustRequest(t, target.url+"/hello")); err == nil {
+		resp.Body.Close()
+		t.Errorf("the handler still answers after expiry: %s", resp.Status)
+	}
+	tr.CloseIdleConnections()
+	pingOverTCP(t, f, r.h)
+	r.closeAndCheck(t, leaks)
+}
