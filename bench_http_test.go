@@ -1,0 +1,175 @@
+package autotls
+
+import (
+	"context"
+	"crypto/tls"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/network"
+
+	"github.com/p2ptls/autotls/internal/testforge"
+	"github.com/p2ptls/autotls/storage"
+)
+
+// BenchmarkHTTPS compares the HTTPS server behind WithHTTPHandler (the WSS
+// listener: the shared TCP port's demultiplexer, the host's resource
+// manager, the WebSocket transport's dispatch, GetCertificate per
+// handshake) with a plain net/http TLS server holding the same certificate
+// statically, with the same limits, both serving the same small handler on
+// loopback. The two sides alternate op by op in the same run, and the
+// rates come from the median op times, so that load from other processes
+// hits both alike. ratio is ours over static (1 = as fast).
+//
+//   - requests: one op is a burst of 64 GETs from 4 goroutines over one
+//     warm HTTP/2 connection, verified against Pebble's root.
+//   - connections: one op is a new TCP and TLS 1.3 connection (full
+//     handshake, no resumption) carrying one HTTP/1.1 GET, then closed.
+//     The client skips certificate verification, as in
+//     BenchmarkHandshake, so that the figure is the server's.
+//
+// host=default is a host with libp2p's defaults; host=null-rcmgr replaces
+// its resource manager with network.NullResourceManager, to show what the
+// resource manager's accounting of each connection costs.
+func BenchmarkHTTPS(b *testing.B) {
+	quietLibp2p()
+	f := startForge(b, testforge.Config{})
+	for _, v := range []struct {
+		name string
+		opts []libp2p.Option
+	}{
+		{"default", nil},
+		{"null-rcmgr", []libp2p.Option{libp2p.ResourceManager(&network.NullResourceManager{})}},
+	} {
+		b.Run("host="+v.name, func(b *testing.B) { benchHTTPS(b, f, v.opts) })
+	}
+}
+
+func benchHTTPS(b *testing.B, f *testforge.Forge, extra []libp2p.Option) {
+	handler := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(w, "ok")
+	})
+	var m *manager
+	all := append(f.HostOptions(), libp2p.Identity(benchKey(b)))
+	all = append(all, extra...)
+	all = append(all, Option(benchOpts(f, WithStorage(storage.Memory()), WithHTTPHandler(handler), withManager(func(x *manager) { m = x }))...))
+	h, err := libp2p.New(all...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer h.Close()
+	httpAddr, _ := waitHTTPAddr(b, h, f.Domain, "/ip4/127.0.0.1/")
+	target := targetOf(b, f, httpAddr)
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	static := &http.Server{
+		Handler:           handler,
+		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{*m.cert.Load().tls}},
+		ReadHeaderTimeout: httpReadHeaderTimeout,
+		IdleTimeout:       httpIdleTimeout,
+		MaxHeaderBytes:    httpMaxHeaderBytes,
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = static.ServeTLS(ln, "", "") })
+	defer func() { static.Close(); wg.Wait() }()
+	staticDial := ln.Addr().String()
+
+	b.Run("requests", func(b *testing.B) {
+		ours := httpsTransport(f.IssuerRoots, target.dial, "h2")
+		stat := httpsTransport(f.IssuerRoots, staticDial, "h2")
+		defer ours.CloseIdleConnections()
+		defer stat.CloseIdleConnections()
+		burst := func(tr *http.Transport) {
+			var wg sync.WaitGroup
+			for range 4 {
+				wg.Go(func() {
+					for range 16 {
+						benchGet(b, tr, target.url+"/")
+					}
+				})
+			}
+			wg.Wait()
+		}
+		alternate(b, func() { burst(ours) }, func() { burst(stat) }, 64, "req/s")
+	})
+
+	b.Run("connections", func(b *testing.B) {
+		conn := func(dial string) *http.Transport {
+			tr := httpsTransport(nil, dial, "http/1.1")
+			tr.TLSClientConfig.InsecureSkipVerify = true // measure the server, not the client's chain checks
+			tr.TLSClientConfig.ServerName = target.name
+			tr.DisableKeepAlives = true
+			return tr
+		}
+		ours, stat := conn(target.dial), conn(staticDial)
+		alternate(b, func() { benchGet(b, ours, target.url+"/") }, func() { benchGet(b, stat, target.url+"/") }, 1, "conn/s")
+	})
+}
+
+// alternate runs ours and static b.N times each, one after the other and
+// in alternating order, and reports each side's rate (n events per op,
+// from the median op time) and their ratio.
+func alternate(b *testing.B, ours, static func(), n float64, unit string) {
+	ours()
+	static()
+	tOurs := make([]float64, 0, b.N)
+	tStatic := make([]float64, 0, b.N)
+	var cpuOurs, cpuStatic time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		first, second := ours, static
+		if i%2 == 1 {
+			first, second = static, ours
+		}
+		c0, _ := testforge.ProcessCPUTime()
+		t0 := time.Now()
+		first()
+		t1 := time.Now()
+		c1, _ := testforge.ProcessCPUTime()
+		second()
+		t2 := time.Now()
+		c2, _ := testforge.ProcessCPUTime()
+		a, c := t1.Sub(t0).Seconds(), t2.Sub(t1).Seconds()
+		ca, cc := c1-c0, c2-c1
+		if i%2 == 1 {
+			a, c = c, a
+			ca, cc = cc, ca
+		}
+		tOurs = append(tOurs, a)
+		tStatic = append(tStatic, c)
+		cpuOurs += ca
+		cpuStatic += cc
+	}
+	b.StopTimer()
+	b.ReportMetric(n/median(tOurs), "ours-"+unit)
+	b.ReportMetric(n/median(tStatic), "static-"+unit)
+	b.ReportMetric(median(tStatic)/median(tOurs), "ratio")
+	b.ReportMetric(cpuStatic.Seconds()/cpuOurs.Seconds(), "cpu-ratio")
+}
+
+// benchGet sends one GET through tr and reads the answer whole.
+func benchGet(b *testing.B, tr http.RoundTripper, url string) {
+	req, err := http.NewRequestWithContext(context.Background(), http.MethodGet, url, nil)
+	if err != nil {
+		b.Error(err)
+		return
+	}
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		b.Error(err)
+		return
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b.Errorf("GET %s: %s", url, resp.Status)
+	}
+}
