@@ -122,37 +122,28 @@ func alternate(b *testing.B, ours, static func(), n float64, unit string) {
 	static()
 	tOurs := make([]float64, 0, b.N)
 	tStatic := make([]float64, 0, b.N)
-	var cpuOurs, cpuStatic time.Duration
 	b.ResetTimer()
 	for i := range b.N {
 		first, second := ours, static
 		if i%2 == 1 {
 			first, second = static, ours
 		}
-		c0, _ := testforge.ProcessCPUTime()
 		t0 := time.Now()
 		first()
 		t1 := time.Now()
-		c1, _ := testforge.ProcessCPUTime()
 		second()
 		t2 := time.Now()
-		c2, _ := testforge.ProcessCPUTime()
 		a, c := t1.Sub(t0).Seconds(), t2.Sub(t1).Seconds()
-		ca, cc := c1-c0, c2-c1
 		if i%2 == 1 {
 			a, c = c, a
-			ca, cc = cc, ca
 		}
 		tOurs = append(tOurs, a)
 		tStatic = append(tStatic, c)
-		cpuOurs += ca
-		cpuStatic += cc
 	}
 	b.StopTimer()
 	b.ReportMetric(n/median(tOurs), "ours-"+unit)
 	b.ReportMetric(n/median(tStatic), "static-"+unit)
 	b.ReportMetric(median(tStatic)/median(tOurs), "ratio")
-	b.ReportMetric(cpuStatic.Seconds()/cpuOurs.Seconds(), "cpu-ratio")
 }
 
 // benchGet sends one GET through tr and reads the answer whole.
