@@ -515,3 +515,61 @@ func TestHTTPAddrsWithdrawnAtExpiry(t *testing.T) {
 	pingOverTCP(t, f, r.h)
 	r.closeAndCheck(t, leaks)
 }
+
+// TestHTTPRenewal: a renewal with the handler in place sends the broker no
+// /http address (it dials back over libp2p), and the handler and its
+// address stay up across it.
+func TestHTTPRenewal(t *testing.T) {
+	t.Parallel()
+	f := startForge(t, testforge.Config{})
+	var m *manager
+	h := newHost(t, f, nil, WithStorage(storage.Memory()), WithHTTPHandler(helloHandler()), withManager(func(x *manager) { m = x }))
+	first := waitCert(t, h, 30*time.Second)
+	httpAddr, _ := waitHTTPAddr(t, h, f.Domain, "/ip4/")
+	target := targetOf(t, f, httpAddr)
+	tr := httpsTransport(f.IssuerRoots, target.dial, "h2")
+	defer tr.CloseIdleConnections()
+	before, _ := get(t, tr, target.url+"/hello")
+	tr.CloseIdleConnections()
+	sent := make(chan []string, 1)
+	f.SetDialBackFault(func(_ peer.ID, addrs []string) error {
+		select {
+		case sent <- addrs:
+		default:
+		}
+		return nil
+	})
+	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	<-sub.Out() // the stateful event of the first certificate
+	m.kick <- struct{}{}
+	select {
+	case e := <-sub.Out():
+		if ev := e.(EvtCertificateLoaded); ev.Source != Renewed || !ev.NotAfter.After(first.NotAfter.Add(-time.Second)) {
+			t.Fatalf("event %+v, want a renewal", ev)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no renewal")
+	}
+	var addrs []string
+	select {
+	case addrs = <-sent:
+	default:
+		t.Fatal("the renewal made no dial-back")
+	}
+	for _, a := range addrs {
+		if strings.HasSuffix(a, "/http") {
+			t.Errorf("the broker was sent %s among %v", a, addrs)
+		}
+	}
+	if a := httpAddrs(h, f.Domain); len(a) != 1 || !a[0].Equal(httpAddr) {
+		t.Errorf("after the renewal the /http addresses are %v, want %s", a, httpAddr)
+	}
+	old := before.TLS.PeerCertificates[0]
+	if resp, _ := get(t, tr, target.url+"/hello"); resp.StatusCode != http.StatusOK || resp.TLS.PeerCertificates[0].Equal(old) {
+		t.Errorf("after the renewal: %s, served serial %v (the first was %v)", resp.Status, resp.TLS.PeerCertificates[0].SerialNumber, old.SerialNumber)
+	}
+}
