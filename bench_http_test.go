@@ -12,6 +12,9 @@ import (
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
+	ws "github.com/libp2p/go-libp2p/p2p/transport/websocket"
+	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/p2ptls/autotls/internal/testforge"
 	"github.com/p2ptls/autotls/storage"
@@ -35,22 +38,28 @@ import (
 //
 // host=default is a host with libp2p's defaults; host=null-rcmgr replaces
 // its resource manager with network.NullResourceManager, to show what the
-// resource manager's accounting of each connection costs.
+// resource manager's accounting of each connection costs; host=go-libp2p
+// serves from a second host built without autotls, go-libp2p's WebSocket
+// transport given the same certificate in a static tls.Config, the same
+// handler and limits (a baseline: what go-libp2p's listener costs by
+// itself).
 func BenchmarkHTTPS(b *testing.B) {
 	quietLibp2p()
 	f := startForge(b, testforge.Config{})
 	for _, v := range []struct {
-		name string
-		opts []libp2p.Option
+		name  string
+		opts  []libp2p.Option
+		plain bool
 	}{
-		{"default", nil},
-		{"null-rcmgr", []libp2p.Option{libp2p.ResourceManager(&network.NullResourceManager{})}},
+		{"default", nil, false},
+		{"null-rcmgr", []libp2p.Option{libp2p.ResourceManager(&network.NullResourceManager{})}, false},
+		{"go-libp2p", nil, true},
 	} {
-		b.Run("host="+v.name, func(b *testing.B) { benchHTTPS(b, f, v.opts) })
+		b.Run("host="+v.name, func(b *testing.B) { benchHTTPS(b, f, v.opts, v.plain) })
 	}
 }
 
-func benchHTTPS(b *testing.B, f *testforge.Forge, extra []libp2p.Option) {
+func benchHTTPS(b *testing.B, f *testforge.Forge, extra []libp2p.Option, plain bool) {
 	handler := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = io.WriteString(w, "ok")
 	})
@@ -65,6 +74,9 @@ func benchHTTPS(b *testing.B, f *testforge.Forge, extra []libp2p.Option) {
 	defer h.Close()
 	httpAddr, _ := waitHTTPAddr(b, h, f.Domain, "/ip4/127.0.0.1/")
 	target := targetOf(b, f, httpAddr)
+	if plain {
+		target.dial = plainWSSHost(b, f, *m.cert.Load().tls, handler)
+	}
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -112,6 +124,38 @@ func benchHTTPS(b *testing.B, f *testforge.Forge, extra []libp2p.Option) {
 		ours, stat := conn(target.dial), conn(staticDial)
 		alternate(b, func() { benchGet(b, ours, target.url+"/") }, func() { benchGet(b, stat, target.url+"/") }, 1, "conn/s")
 	})
+}
+
+// plainWSSHost starts a host without autotls serving handler with cert
+// from go-libp2p's WebSocket transport, on a WSS listener sharing the TCP
+// transport's listener as autotls's do, and returns the listener's
+// address.
+func plainWSSHost(b *testing.B, f *testforge.Forge, cert tls.Certificate, handler http.Handler) string {
+	b.Helper()
+	h, err := libp2p.New(append(f.HostOptions(),
+		libp2p.ShareTCPListener(),
+		libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0/tls/ws"),
+		libp2p.Transport(tcp.NewTCPTransport),
+		libp2p.Transport(ws.New,
+			ws.WithTLSConfig(&tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}),
+			ws.WithHTTPHandler(handler),
+			ws.WithHTTPServerConfig(func(s *http.Server) {
+				s.ReadHeaderTimeout = httpReadHeaderTimeout
+				s.IdleTimeout = httpIdleTimeout
+				s.MaxHeaderBytes = httpMaxHeaderBytes
+			})),
+	)...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = h.Close() })
+	for _, a := range h.Network().ListenAddresses() {
+		if _, err := a.ValueForProtocol(ma.P_WS); err == nil {
+			return tcpHostPort(b, a)
+		}
+	}
+	b.Fatalf("no WSS listener among %v", h.Network().ListenAddresses())
+	return ""
 }
 
 // alternate runs ours and static b.N times each, one after the other and
