@@ -420,6 +420,46 @@ func TestHTTPLibp2pHTTP(t *testing.T) {
 				t.Fatalf("request %d: server %s said %q; want %s to greet %s", i+1, serverID, b, h.ID(), clientID)
 			}
 		}
+		// p2p/http's own client, given a multiaddr ending in /p2p/<id>,
+		// runs the same handshake and fails unless the server proves that
+		// PeerID. (The short form: for the long one it sends the IP as the
+		// Host header.)
+		port, _ := httpAddr.ValueForProtocol(ma.P_TCP)
+		short := fmt.Sprintf("/dns4/%s/tcp/%s/tls/http/p2p/%s", target.name, port, h.ID())
+		resolving := &http.Transport{
+			TLSClientConfig: &tls.Config{RootCAs: f.IssuerRoots},
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				d := &net.Dialer{Timeout: 5 * time.Second, Resolver: f.Resolver()}
+				return d.DialContext(ctx, network, addr)
+			},
+		}
+		defer resolving.CloseIdleConnections()
+		client := &libp2phttp.Host{DefaultClientRoundTripper: resolving, ClientPeerIDAuth: &httpauth.ClientPeerIDAuth{PrivKey: clientKey, TokenTTL: time.Hour}}
+		for _, tc := range []struct {
+			id     string
+			wantOK bool
+		}{{h.ID().String(), true}, {clientID.String(), false}} {
+			u := "multiaddr:" + strings.Replace(short, h.ID().String(), tc.id, 1) + "/http-path/auth"
+			resp, err := (&http.Client{Transport: client}).Get(u)
+			if !tc.wantOK {
+				if err == nil {
+					resp.Body.Close()
+					t.Errorf("GET %s succeeded; the server is not that peer", u)
+				} else if !strings.Contains(err.Error(), "does not match expected server ID") {
+					t.Errorf("GET %s: %v; want a PeerID mismatch", u, err)
+				}
+				continue
+			}
+			if err != nil {
+				t.Fatalf("GET %s: %v", u, err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if libp2phttp.ServerPeerID(resp) != h.ID() || string(b) != "hello "+clientID.String() {
+				t.Fatalf("GET %s: server %s said %q", u, libp2phttp.ServerPeerID(resp), b)
+			}
+		}
+
 		// A Host header naming another name than the TLS server name is
 		// refused before any signature.
 		req := mustRequest(t, target.url+"/auth")
