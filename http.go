@@ -36,8 +36,10 @@ const (
 // the form go-libp2p's p2p/http client dials. The server closes
 // connections idle for 60 s, waits at most 10 s for a request's headers and
 // refuses header blocks over 64 KiB; change that with
-// [WithHTTPServerConfig]. h is called from many goroutines at once. A plain
-// /ws listen address given to libp2p serves h too, without TLS.
+// [WithHTTPServerConfig]. h is called from many goroutines at once. Every
+// WebSocket listener serves h: WSS ones for your own names
+// ([WithTLSConfig]) too, over HTTP/2 only if that tls.Config lists "h2" in
+// NextProtos, and a plain /ws one without TLS.
 //
 // To serve go-libp2p's HTTP protocols (p2p/http), pass the ServeMux of a
 // libp2phttp.Host here; see the examples. Without this option, requests
