@@ -31,7 +31,7 @@ const (
 // host also announces the HTTP form of each browser address,
 //
 //	/ip4/<ip>/tcp/<port>/tls/sni/<ip label>.<peerid>.<forge>/http
-//	/dns4/<ip label>.<peerid>.<forge>/tcp/<port>/tls/http  (with [WithShortAddrs])
+//	/dns4/<ip label>.<peerid>.<forge>/tcp/<port>/tls/http  (WithShortAddrs)
 //
 // the form go-libp2p's p2p/http client dials. The server closes
 // connections idle for 60 s, waits at most 10 s for a request's headers and
@@ -59,7 +59,8 @@ func WithHTTPHandler(h http.Handler) Opt {
 // [WithHTTPHandler] (timeouts, header limit, HTTP/2 settings), once per
 // listener, after the defaults are set. Handler, TLSConfig and ConnContext
 // are the transport's and are set again after fn. Without it the defaults
-// of [WithHTTPHandler] apply. It has no effect without [WithHTTPHandler].
+// of [WithHTTPHandler] apply. Given without [WithHTTPHandler], [Option]
+// fails: there would be no server to configure.
 func WithHTTPServerConfig(fn func(*http.Server)) Opt {
 	return func(c *config) error {
 		if fn == nil {
@@ -69,6 +70,8 @@ func WithHTTPServerConfig(fn func(*http.Server)) Opt {
 		return nil
 	}
 }
+
+var errHTTPConfigAlone = errors.New("WithHTTPServerConfig without WithHTTPHandler configures nothing: add WithHTTPHandler with the handler to serve, or remove WithHTTPServerConfig")
 
 // httpOptions are the WebSocket transport's options for the HTTP handler,
 // none without one.

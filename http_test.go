@@ -282,6 +282,9 @@ func TestHTTPServerConfig(t *testing.T) {
 	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
 		t.Errorf("an 8 KiB header with MaxHeaderBytes 1 KiB got %s, want 431", resp.Status)
 	}
+	if _, err := newConfig([]Opt{WithHTTPServerConfig(func(*http.Server) {}), WithStorage(storage.Memory())}); err != errHTTPConfigAlone {
+		t.Errorf("WithHTTPServerConfig without a handler gave %v, want %v", err, errHTTPConfigAlone)
+	}
 	for _, o := range []Opt{WithHTTPHandler(nil), WithHTTPServerConfig(nil)} {
 		if _, err := newConfig([]Opt{o, WithStorage(storage.Memory())}); err == nil || !strings.Contains(err.Error(), "nil): pass") {
 			t.Errorf("a nil argument gave %v, want an error saying what to pass", err)

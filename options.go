@@ -245,6 +245,9 @@ func newConfig(opts []Opt) (*config, error) {
 			return nil, err
 		}
 	}
+	if c.httpServerConfig != nil && c.httpHandler == nil {
+		return nil, errHTTPConfigAlone
+	}
 	if c.registrationEndpoint == "" {
 		if c.forgeDomain != DefaultForgeDomain {
 			return nil, fmt.Errorf("forge domain %q needs its broker: add WithRegistrationEndpoint", c.forgeDomain)
