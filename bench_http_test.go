@@ -73,7 +73,7 @@ func benchHTTPS(b *testing.B, f *testforge.Forge, extra []libp2p.Option, plain b
 	}
 	defer h.Close()
 	httpAddr, _ := waitHTTPAddr(b, h, f.Domain, "/ip4/127.0.0.1/")
-	target := targetOf(b, f, httpAddr)
+	target := httpTargetOf(b, f, httpAddr)
 	if plain {
 		target.dial = plainWSSHost(b, f, *m.cert.Load().tls, handler)
 	}
@@ -110,7 +110,7 @@ func benchHTTPS(b *testing.B, f *testforge.Forge, extra []libp2p.Option, plain b
 			}
 			wg.Wait()
 		}
-		alternate(b, func() { burst(ours) }, func() { burst(stat) }, 64, "req/s")
+		alternateRates(b, func() { burst(ours) }, func() { burst(stat) }, 64, "req/s")
 	})
 
 	b.Run("connections", func(b *testing.B) {
@@ -122,7 +122,7 @@ func benchHTTPS(b *testing.B, f *testforge.Forge, extra []libp2p.Option, plain b
 			return tr
 		}
 		ours, stat := conn(target.dial), conn(staticDial)
-		alternate(b, func() { benchGet(b, ours, target.url+"/") }, func() { benchGet(b, stat, target.url+"/") }, 1, "conn/s")
+		alternateRates(b, func() { benchGet(b, ours, target.url+"/") }, func() { benchGet(b, stat, target.url+"/") }, 1, "conn/s")
 	})
 }
 
@@ -158,10 +158,10 @@ func plainWSSHost(b *testing.B, f *testforge.Forge, cert tls.Certificate, handle
 	return ""
 }
 
-// alternate runs ours and static b.N times each, one after the other and
+// alternateRates runs ours and static b.N times each, one after the other and
 // in alternating order, and reports each side's rate (n events per op,
 // from the median op time) and their ratio.
-func alternate(b *testing.B, ours, static func(), n float64, unit string) {
+func alternateRates(b *testing.B, ours, static func(), n float64, unit string) {
 	ours()
 	static()
 	tOurs := make([]float64, 0, b.N)

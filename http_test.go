@@ -69,9 +69,9 @@ type httpTarget struct {
 	name, url, dial string
 }
 
-// targetOf reads an /http address, long or short; a short one's name is
+// httpTargetOf reads an /http address, long or short; a short one's name is
 // resolved through the forge's DNS.
-func targetOf(t testing.TB, f *testforge.Forge, a ma.Multiaddr) httpTarget {
+func httpTargetOf(t testing.TB, f *testforge.Forge, a ma.Multiaddr) httpTarget {
 	t.Helper()
 	port, err := a.ValueForProtocol(ma.P_TCP)
 	if err != nil {
@@ -116,9 +116,9 @@ func httpsTransport(roots *x509.CertPool, dial string, protos ...string) *http.T
 	}
 }
 
-// get sends GET url+path through tr and returns the response with its
+// httpGet sends GET url+path through tr and returns the response with its
 // body read.
-func get(t testing.TB, tr http.RoundTripper, url string) (*http.Response, string) {
+func httpGet(t testing.TB, tr http.RoundTripper, url string) (*http.Response, string) {
 	t.Helper()
 	req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, url, nil)
 	if err != nil {
@@ -188,10 +188,10 @@ func TestHTTPSOnWSSPort(t *testing.T) {
 				t.Errorf("%d /http addresses announced, want 1: %v", n, h.Addrs())
 			}
 
-			target := targetOf(t, f, httpAddr)
+			target := httpTargetOf(t, f, httpAddr)
 			for _, proto := range []string{"h2", "http/1.1"} {
 				tr := httpsTransport(f.IssuerRoots, target.dial, proto)
-				resp, body := get(t, tr, target.url+"/hello")
+				resp, body := httpGet(t, tr, target.url+"/hello")
 				tr.CloseIdleConnections()
 				wantProto := map[string]string{"h2": "HTTP/2.0", "http/1.1": "HTTP/1.1"}[proto]
 				if resp.StatusCode != http.StatusOK || resp.Proto != wantProto || body != "hello "+name+" over "+wantProto {
@@ -205,7 +205,7 @@ func TestHTTPSOnWSSPort(t *testing.T) {
 			// An untrusted root fails the handshake: the certificate is
 			// Pebble's, not some fallback.
 			tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: x509.NewCertPool()}, DialContext: httpsTransport(nil, target.dial).DialContext}
-			if resp, err := tr.RoundTrip(mustRequest(t, target.url+"/hello")); err == nil {
+			if resp, err := tr.RoundTrip(getRequest(t, target.url+"/hello")); err == nil {
 				resp.Body.Close()
 				t.Fatal("a client trusting no root got a response")
 			}
@@ -216,7 +216,7 @@ func TestHTTPSOnWSSPort(t *testing.T) {
 			// Header blocks beyond the default limit are refused.
 			tr = httpsTransport(f.IssuerRoots, target.dial, "http/1.1")
 			defer tr.CloseIdleConnections()
-			req := mustRequest(t, target.url+"/hello")
+			req := getRequest(t, target.url+"/hello")
 			req.Header.Set("X-Big", strings.Repeat("a", 2*httpMaxHeaderBytes))
 			resp, err := tr.RoundTrip(req)
 			if err != nil {
@@ -239,13 +239,13 @@ func TestHTTPSOnWSSPort(t *testing.T) {
 		name := "127-0-0-1." + testforge.PeerLabel(h.ID()) + "." + f.Domain
 		tr := httpsTransport(f.IssuerRoots, "127.0.0.1:"+port, "h2")
 		defer tr.CloseIdleConnections()
-		if resp, _ := get(t, tr, "https://"+name+":"+port+"/hello"); resp.StatusCode != http.StatusNotFound {
+		if resp, _ := httpGet(t, tr, "https://"+name+":"+port+"/hello"); resp.StatusCode != http.StatusNotFound {
 			t.Fatalf("without a handler got %s, want 404", resp.Status)
 		}
 	})
 }
 
-func mustRequest(t testing.TB, url string) *http.Request {
+func getRequest(t testing.TB, url string) *http.Request {
 	t.Helper()
 	req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, url, nil)
 	if err != nil {
@@ -269,10 +269,10 @@ func TestHTTPServerConfig(t *testing.T) {
 	if seen.ReadHeaderTimeout != httpReadHeaderTimeout || seen.IdleTimeout != httpIdleTimeout || seen.MaxHeaderBytes != httpMaxHeaderBytes {
 		t.Errorf("the config function saw ReadHeaderTimeout %v, IdleTimeout %v, MaxHeaderBytes %d; want the defaults", seen.ReadHeaderTimeout, seen.IdleTimeout, seen.MaxHeaderBytes)
 	}
-	target := targetOf(t, f, httpAddr)
+	target := httpTargetOf(t, f, httpAddr)
 	tr := httpsTransport(f.IssuerRoots, target.dial, "http/1.1")
 	defer tr.CloseIdleConnections()
-	req := mustRequest(t, target.url+"/hello")
+	req := getRequest(t, target.url+"/hello")
 	req.Header.Set("X-Big", strings.Repeat("a", 8<<10))
 	resp, err := tr.RoundTrip(req)
 	if err != nil {
@@ -328,7 +328,7 @@ func TestHTTPLibp2pHTTP(t *testing.T) {
 		},
 	}
 	mux.HandleFunc("/auth", func(w http.ResponseWriter, r *http.Request) {
-		if r.TLS == nil || hostOnly(r.Host) != r.TLS.ServerName {
+		if r.TLS == nil || hostWithoutPort(r.Host) != r.TLS.ServerName {
 			http.Error(w, "the Host header does not name the TLS server name", http.StatusBadRequest)
 			return
 		}
@@ -341,7 +341,7 @@ func TestHTTPLibp2pHTTP(t *testing.T) {
 	defer stop()
 
 	httpAddr, wsAddr := waitHTTPAddr(t, h, f.Domain, "/ip4/")
-	target := targetOf(t, f, httpAddr)
+	target := httpTargetOf(t, f, httpAddr)
 
 	t.Run("p2p/http client over HTTPS", func(t *testing.T) {
 		tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: f.IssuerRoots}, ForceAttemptHTTP2: true}
@@ -413,7 +413,7 @@ func TestHTTPLibp2pHTTP(t *testing.T) {
 		defer tr.CloseIdleConnections()
 		ca := &httpauth.ClientPeerIDAuth{PrivKey: clientKey, TokenTTL: time.Hour}
 		for i := range 2 { // the second request uses the bearer token
-			serverID, resp, err := ca.AuthenticatedDo(&http.Client{Transport: tr}, mustRequest(t, target.url+"/auth"))
+			serverID, resp, err := ca.AuthenticatedDo(&http.Client{Transport: tr}, getRequest(t, target.url+"/auth"))
 			if err != nil {
 				t.Fatalf("request %d: %v", i+1, err)
 			}
@@ -465,7 +465,7 @@ func TestHTTPLibp2pHTTP(t *testing.T) {
 
 		// A Host header naming another name than the TLS server name is
 		// refused before any signature.
-		req := mustRequest(t, target.url+"/auth")
+		req := getRequest(t, target.url+"/auth")
 		req.Host = "other." + f.Domain
 		resp, err := tr.RoundTrip(req)
 		if err != nil {
@@ -488,8 +488,8 @@ func TestHTTPLibp2pHTTP(t *testing.T) {
 		goleak.IgnoreAnyFunction("net/http.(*conn).closeWriteAndWait"))...)
 }
 
-// hostOnly strips a port from a Host header.
-func hostOnly(hostport string) string {
+// hostWithoutPort strips a port from a Host header.
+func hostWithoutPort(hostport string) string {
 	if h, _, err := net.SplitHostPort(hostport); err == nil {
 		return h
 	}
@@ -509,7 +509,7 @@ func TestHTTPAddrsWithdrawnAtExpiry(t *testing.T) {
 	r.closers = append(r.closers, ca.Close)
 	served := r.waitLoaded(t)
 	httpAddr, _ := waitHTTPAddr(t, r.h, f.Domain, "/ip4/")
-	target := targetOf(t, f, httpAddr)
+	target := httpTargetOf(t, f, httpAddr)
 	clk.WaitParked(t, 30*time.Second)
 	forgetValidAuthz(t, r, ca)
 	expired, err := r.h.EventBus().Subscribe(new(EvtCertificateExpired))
@@ -533,7 +533,7 @@ func TestHTTPAddrsWithdrawnAtExpiry(t *testing.T) {
 	// The fake clock is hours ahead; the client checks the certificate
 	// against it, as the host does.
 	tr.TLSClientConfig.Time = clk.Now
-	if resp, _ := get(t, tr, target.url+"/hello"); resp.StatusCode != http.StatusOK {
+	if resp, _ := httpGet(t, tr, target.url+"/hello"); resp.StatusCode != http.StatusOK {
 		t.Fatalf("a minute before expiry: %s", resp.Status)
 	}
 	tr.CloseIdleConnections()
@@ -550,7 +550,7 @@ func TestHTTPAddrsWithdrawnAtExpiry(t *testing.T) {
 	if a := browserAddrs(r.h, f.Domain); len(a) != 0 {
 		t.Errorf("browser addresses still announced after expiry: %v", a)
 	}
-	if resp, err := tr.RoundTrip(mustRequest(t, target.url+"/hello")); err == nil {
+	if resp, err := tr.RoundTrip(getRequest(t, target.url+"/hello")); err == nil {
 		resp.Body.Close()
 		t.Errorf("the handler still answers after expiry: %s", resp.Status)
 	}
@@ -569,10 +569,10 @@ func TestHTTPRenewal(t *testing.T) {
 	h := newHost(t, f, nil, WithStorage(storage.Memory()), WithHTTPHandler(helloHandler()), withManager(func(x *manager) { m = x }))
 	first := waitCert(t, h, 30*time.Second)
 	httpAddr, _ := waitHTTPAddr(t, h, f.Domain, "/ip4/")
-	target := targetOf(t, f, httpAddr)
+	target := httpTargetOf(t, f, httpAddr)
 	tr := httpsTransport(f.IssuerRoots, target.dial, "h2")
 	defer tr.CloseIdleConnections()
-	before, _ := get(t, tr, target.url+"/hello")
+	before, _ := httpGet(t, tr, target.url+"/hello")
 	tr.CloseIdleConnections()
 	sent := make(chan []string, 1)
 	f.SetDialBackFault(func(_ peer.ID, addrs []string) error {
@@ -612,7 +612,7 @@ func TestHTTPRenewal(t *testing.T) {
 		t.Errorf("after the renewal the /http addresses are %v, want %s", a, httpAddr)
 	}
 	old := before.TLS.PeerCertificates[0]
-	if resp, _ := get(t, tr, target.url+"/hello"); resp.StatusCode != http.StatusOK || resp.TLS.PeerCertificates[0].Equal(old) {
+	if resp, _ := httpGet(t, tr, target.url+"/hello"); resp.StatusCode != http.StatusOK || resp.TLS.PeerCertificates[0].Equal(old) {
 		t.Errorf("after the renewal: %s, served serial %v (the first was %v)", resp.Status, resp.TLS.PeerCertificates[0].SerialNumber, old.SerialNumber)
 	}
 }
