@@ -116,7 +116,7 @@ func httpsTransport(roots *x509.CertPool, dial string, protos ...string) *http.T
 	}
 }
 
-// httpGet sends GET url+path through tr and returns the response with its
+// httpGet sends GET url through tr and returns the response with its
 // body read.
 func httpGet(t testing.TB, tr http.RoundTripper, url string) (*http.Response, string) {
 	t.Helper()
