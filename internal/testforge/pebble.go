@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"log"
@@ -56,15 +57,9 @@ func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.
 		plog = log.New(io.Discard, "", 0) // log skips formatting for io.Discard
 	}
 
-	var validity uint64 // 0: Pebble's default
-	if cfg.CertValidity > 0 {
-		validity = uint64((cfg.CertValidity + time.Second - 1) / time.Second)
-	}
-	profiles := map[string]ca.Profile{
-		// Pebble picks a random profile for orders that name none: both
-		// have the same validity so the choice does not matter.
-		"default":    {Description: "test forge default profile", ValidityPeriod: validity},
-		"shortlived": {Description: "test forge short-lived profile", ValidityPeriod: validity},
+	profiles, err := pebbleProfiles(cfg)
+	if err != nil {
+		return nil, err
 	}
 
 	store := db.NewMemoryStore()
@@ -130,6 +125,40 @@ func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.
 	}, nil
 }
 
+// pebbleProfiles returns the profiles Pebble offers, from cfg.Profiles
+// and cfg.CertValidity.
+func pebbleProfiles(cfg Config) (map[string]ca.Profile, error) {
+	seconds := func(d time.Duration) uint64 {
+		if d <= 0 {
+			d = cfg.CertValidity
+		}
+		if d <= 0 {
+			return 0 // Pebble's default
+		}
+		return uint64((d + time.Second - 1) / time.Second)
+	}
+	if cfg.Profiles == nil {
+		// Pebble picks a random profile for orders that name none: both
+		// have the same validity so the choice does not matter.
+		return map[string]ca.Profile{
+			"default":    {Description: "test forge default profile", ValidityPeriod: seconds(0)},
+			"shortlived": {Description: "test forge short-lived profile", ValidityPeriod: seconds(0)},
+		}, nil
+	}
+	if len(cfg.Profiles) == 0 {
+		// Pebble panics on an order without a profile when it has none.
+		return nil, fmt.Errorf("testforge: Config.Profiles is empty; give at least one profile, or nil for the defaults")
+	}
+	profiles := make(map[string]ca.Profile, len(cfg.Profiles))
+	for name, d := range cfg.Profiles {
+		if name == "" || d < 0 {
+			return nil, fmt.Errorf("testforge: Config.Profiles: want a name and a validity of zero or more, got %q: %v", name, d)
+		}
+		profiles[name] = ca.Profile{Description: "test forge profile " + name, ValidityPeriod: seconds(d)}
+	}
+	return profiles, nil
+}
+
 // newVAAndWFE constructs the VA and the WFE with the environment variables
 // they read set from cfg, restoring the environment afterwards.
 func newVAAndWFE(cfg Config, plog *log.Logger, store *db.MemoryStore, authority *ca.CAImpl, dnsAddr string) (*va.VAImpl, wfe.WebFrontEndImpl) {
@@ -192,6 +221,40 @@ func setEnv(vars map[string]string) (restore func()) {
 			}
 		}
 	}
+}
+
+// OfferedChallenge is one challenge of an authorization as Pebble holds
+// it: its type and its status.
+type OfferedChallenge struct {
+	Identifier string // the authorization's identifier, e.g. *.<peer>.<domain>
+	Type       string // dns-01, dns-account-01, dns-persist-01, ...
+	Status     string // pending (never answered), processing, valid or invalid
+}
+
+// Challenges returns the challenges Pebble offered in the authorizations of
+// the order that issued leaf, and the status of each now: which types the
+// CA offered, and which one the client answered. leaf must have been
+// issued by this forge.
+func (f *Forge) Challenges(leaf *x509.Certificate) ([]OfferedChallenge, error) {
+	order, err := f.pebble.store.GetOrderByIssuedSerial(hex.EncodeToString(leaf.SerialNumber.Bytes()))
+	if err != nil {
+		return nil, fmt.Errorf("testforge: the order of certificate %x: %w", leaf.SerialNumber, err)
+	}
+	order.RLock()
+	authzs := order.AuthorizationObjects
+	order.RUnlock()
+	var out []OfferedChallenge
+	for _, a := range authzs {
+		a.RLock()
+		id, chals := a.Identifier.Value, a.Challenges
+		a.RUnlock()
+		for _, c := range chals {
+			c.RLock()
+			out = append(out, OfferedChallenge{Identifier: id, Type: c.Type, Status: c.Status})
+			c.RUnlock()
+		}
+	}
+	return out, nil
 }
 
 func (p *pebble) client() *http.Client {
