@@ -198,9 +198,10 @@ func WithEmail(email string) Opt {
 // WithProfile asks the CA for certificates of the named ACME profile, such
 // as Let's Encrypt's "classic", "tlsserver" or "shortlived" (about 6 days).
 // The name is checked against the profiles in the CA's directory when the
-// CA is first contacted (once the host is reachable): a CA that does not
-// offer it fails issuance with an error listing those it offers, and the
-// next attempt comes hours later. Renewal is timed to the certificate's
+// CA is first contacted (once the host is reachable, or, with a valid
+// stored certificate, when its renewal information is first read): a CA
+// that does not offer it fails issuance with an error listing those it
+// offers, and the next attempt comes hours later. Renewal is timed to the certificate's
 // lifetime either way. Without it, orders name no profile and the CA's
 // default applies.
 func WithProfile(name string) Opt {

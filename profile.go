@@ -2,9 +2,11 @@ package autotls
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/mholt/acmez/v3/acme"
 )
@@ -16,7 +18,9 @@ import (
 // misspelled name is known from the directory alone, before an account is
 // registered or a challenge is sent to the broker; it is not checked at
 // the host's start, which must not wait for the CA, nor before the
-// reachability gate, before which nothing is sent.
+// reachability gate, before which nothing is sent. A host that starts with
+// a valid stored certificate first contacts the CA for its renewal
+// information, and has the name checked then.
 
 // profileError: the CA does not offer the profile WithProfile names. It is
 // a misconfiguration: classify makes it permanent, so that the next
@@ -46,6 +50,23 @@ func (i *issuer) checkProfile(ctx context.Context) error {
 		return fmt.Errorf("reading the CA's directory: %w", err)
 	}
 	return profileOffered(i.profile, dir.Meta)
+}
+
+// checkProfileEarly checks WithProfile's name at the first poll of the
+// CA's renewal information for a certificate: for a host that starts with
+// a valid stored certificate, its first contact with the CA. A name the CA
+// does not offer is said then, once, rather than weeks later when the
+// renewal fails on it. It costs no request: the poll reads the directory
+// anyway.
+func (m *manager) checkProfileEarly(ctx context.Context, s *ariState) {
+	if s.profileSaid {
+		return
+	}
+	s.profileSaid = true
+	var pe *profileError
+	if err := m.issuer.checkProfile(ctx); errors.As(err, &pe) {
+		m.log.Warn("the next renewal will fail: "+pe.Error(), "kind", string(kindCA), "not_after", s.leaf.NotAfter.Format(time.RFC3339))
+	}
 }
 
 // profileOffered checks name against the profiles a directory's meta

@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/mholt/acmez/v3/acme"
 	"github.com/p2ptls/autotls/internal/testforge"
 	"github.com/p2ptls/autotls/storage"
@@ -187,6 +189,49 @@ func TestProfileNotOffered(t *testing.T) {
 			r.closeAndCheck(t, leaks)
 		})
 	}
+}
+
+// TestProfileNotOfferedStored: a host restarted with a valid stored
+// certificate and a profile the CA does not offer hears of it at its
+// first contact with the CA, the poll of the renewal information, weeks
+// before the renewal: one warning, no order.
+func TestProfileNotOfferedStored(t *testing.T) {
+	f := startForge(t, testforge.Config{Profiles: map[string]time.Duration{"classic": 90 * 24 * time.Hour}})
+	leaks := leakCheck(t)
+	key := genKey(t, crypto.Ed25519)
+	st := storage.Memory()
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(time.Minute))
+	ca := startCAProxy(t, f) // the same CA for both: storage is kept per CA
+	first := startRig(t, f, clk, []libp2p.Option{libp2p.Identity(key)}, nil, WithStorage(st), WithCA(ca.URL, ca.Roots))
+	first.waitLoaded(t)
+	first.close(t)
+
+	before := len(ca.Requests())
+	clk = newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(time.Hour))
+	r := startRig(t, f, clk, []libp2p.Option{libp2p.Identity(key)}, func(m *manager) { m.ariFirstPoll = time.Second },
+		WithStorage(st), WithCA(ca.URL, ca.Roots), WithProfile("shortlived"))
+	r.closers = append(r.closers, ca.Close)
+	if ev := waitCert(t, r.h, 30*time.Second); ev.Source != FromStorage {
+		t.Fatalf("certificate %s, want the stored one", ev.Source)
+	}
+	clk.WaitParked(t, 30*time.Second)
+	w := warnings(r)
+	if len(w) != 1 {
+		t.Fatalf("%d warnings, want 1:\n%s", len(w), r.logs)
+	}
+	t.Logf("the operator reads: %s", w[0].text)
+	for _, want := range []string{"next renewal will fail", `WithProfile("shortlived")`, "it offers classic"} {
+		if !strings.Contains(w[0].msg, want) {
+			t.Errorf("the warning does not say %q", want)
+		}
+	}
+	reqs := ca.Requests()[before:]
+	if n := count(reqs, http.MethodPost, "/order-plz"); n != 0 || len(reqs) == 0 {
+		t.Errorf("%d requests to the CA, %d orders: want the renewal-information poll only", len(reqs), n)
+	}
+	r.closeAndCheck(t, leaks)
 }
 
 // TestProfileRenewal: certificates of ACME profiles with short lifetimes,
