@@ -45,9 +45,9 @@ type config struct {
 	accessToken          string
 	userAgent            string
 	email                string
+	profile              string
 	logger               *slog.Logger
 	httpClient           *http.Client
-	profile              string
 
 	// For this package's tests; not public API.
 	clock     clock
