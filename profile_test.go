@@ -10,8 +10,10 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -92,6 +94,15 @@ func TestProfileOffered(t *testing.T) {
 	}
 }
 
+// freshURL returns ca's directory URL made unique to this call (the CA
+// ignores the query). acmez caches directories by URL for the whole
+// process, for 12 hours: a proxy listening on a port that an earlier
+// test's proxy used would be read from that cache, with the earlier
+// forge's profiles or the earlier test's directory edits.
+func freshURL(t *testing.T, ca *testforge.CAProxy) string {
+	return ca.URL + "?test=" + url.QueryEscape(fmt.Sprintf("%s-%d", t.Name(), time.Now().UnixNano()))
+}
+
 // serveDirectory makes ca answer GET /dir with the CA's directory as edit
 // leaves it, and pass every other request to next (nil: to the CA).
 func serveDirectory(t *testing.T, ca *testforge.CAProxy, edit func(dir map[string]any), next func(w http.ResponseWriter, r *http.Request) bool) {
@@ -150,7 +161,7 @@ func TestProfileNotOffered(t *testing.T) {
 			start := clk.Now()
 			clk.SetHorizon(start.Add(24 * time.Hour))
 			before, seen := f.Stats(), len(ca.Requests())
-			r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots), WithProfile(tc.profile))
+			r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(freshURL(t, ca), ca.Roots), WithProfile(tc.profile))
 			r.closers = append(r.closers, ca.Close)
 			clk.WaitParked(t, 30*time.Second)
 
@@ -202,8 +213,9 @@ func TestProfileNotOfferedStored(t *testing.T) {
 	st := storage.Memory()
 	clk := newClockAtNow()
 	clk.SetHorizon(clk.Now().Add(time.Minute))
-	ca := startCAProxy(t, f) // the same CA for both: storage is kept per CA
-	first := startRig(t, f, clk, []libp2p.Option{libp2p.Identity(key)}, nil, WithStorage(st), WithCA(ca.URL, ca.Roots))
+	ca := startCAProxy(t, f)
+	caURL := freshURL(t, ca) // the same for both hosts: storage is kept per CA URL
+	first := startRig(t, f, clk, []libp2p.Option{libp2p.Identity(key)}, nil, WithStorage(st), WithCA(caURL, ca.Roots))
 	first.waitLoaded(t)
 	first.close(t)
 
@@ -211,7 +223,7 @@ func TestProfileNotOfferedStored(t *testing.T) {
 	clk = newClockAtNow()
 	clk.SetHorizon(clk.Now().Add(time.Hour))
 	r := startRig(t, f, clk, []libp2p.Option{libp2p.Identity(key)}, func(m *manager) { m.ariFirstPoll = time.Second },
-		WithStorage(st), WithCA(ca.URL, ca.Roots), WithProfile("shortlived"))
+		WithStorage(st), WithCA(caURL, ca.Roots), WithProfile("shortlived"))
 	r.closers = append(r.closers, ca.Close)
 	if ev := waitCert(t, r.h, 30*time.Second); ev.Source != FromStorage {
 		t.Fatalf("certificate %s, want the stored one", ev.Source)
@@ -291,7 +303,7 @@ func TestProfileRenewal(t *testing.T) {
 				serveDirectory(t, ca, func(dir map[string]any) { delete(dir, "renewalInfo") }, onOrder)
 			}
 			clk.SetHorizon(clk.Now().Add(time.Minute))
-			r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(ca.URL, ca.Roots), WithProfile(tc.profile))
+			r := startRig(t, f, clk, nil, nil, WithStorage(storage.Memory()), WithCA(freshURL(t, ca), ca.Roots), WithProfile(tc.profile))
 			r.closers = append(r.closers, ca.Close)
 
 			served := r.waitLoaded(t)
