@@ -85,6 +85,9 @@ func newIssuer(caURL string, roots *x509.CertPool, userAgent, email, profile str
 // only this key can use. replaces, if not nil, is named in the order (ARI).
 // Every error from the CA's side is a *caError.
 func (i *issuer) obtain(ctx context.Context, csr *x509.CertificateRequest, po *pendingOrder, replaces *x509.Certificate) (acme.Certificate, error) {
+	if err := i.checkProfile(ctx); err != nil {
+		return acme.Certificate{}, i.caError(err)
+	}
 	for attempt := 0; ; attempt++ {
 		account, err := i.getAccount(ctx)
 		if err == nil {
@@ -103,12 +106,17 @@ func (i *issuer) obtain(ctx context.Context, csr *x509.CertificateRequest, po *p
 				continue
 			}
 		}
-		ce := &caError{ca: i.client.Directory, err: err}
-		if at, ok := i.ra.latest(); ok {
-			ce.retryAt = at
-		}
-		return acme.Certificate{}, ce
+		return acme.Certificate{}, i.caError(err)
 	}
+}
+
+// caError marks err as the CA's, with the Retry-After of its last response.
+func (i *issuer) caError(err error) *caError {
+	ce := &caError{ca: i.client.Directory, err: err}
+	if at, ok := i.ra.latest(); ok {
+		ce.retryAt = at
+	}
+	return ce
 }
 
 // order runs one ACME order (RFC 8555 §7.1): it creates the order, or

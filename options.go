@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"strings"
 	"time"
+	"unicode"
 
 	"github.com/caddyserver/certmagic"
 	"github.com/p2ptls/autotls/storage"
@@ -45,6 +46,7 @@ type config struct {
 	accessToken          string
 	userAgent            string
 	email                string
+	profile              string
 	logger               *slog.Logger
 	httpClient           *http.Client
 	userTLS              *tls.Config // WithTLSConfig: serves the user's own names
@@ -53,7 +55,6 @@ type config struct {
 
 	// For this package's tests; not public API.
 	clock     clock
-	profile   string
 	onManager func(*manager)
 }
 
@@ -198,6 +199,25 @@ func WithEmail(email string) Opt {
 			return fmt.Errorf("WithEmail(%q): not an email address", email)
 		}
 		c.email = email
+		return nil
+	}
+}
+
+// WithProfile asks the CA for certificates of the named ACME profile, such
+// as Let's Encrypt's "classic", "tlsserver" or "shortlived" (about 6 days).
+// The name is checked against the profiles in the CA's directory when the
+// CA is first contacted (once the host is reachable, or, with a valid
+// stored certificate, when its renewal information is first read): a CA
+// that does not offer it fails issuance with an error listing those it
+// offers, and the next attempt comes hours later. Renewal is timed to the certificate's
+// lifetime either way. Without it, orders name no profile and the CA's
+// default applies.
+func WithProfile(name string) Opt {
+	return func(c *config) error {
+		if name == "" || strings.ContainsFunc(name, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }) {
+			return fmt.Errorf("WithProfile(%q): want a profile name the CA offers, such as shortlived; without WithProfile the CA's default is used", name)
+		}
+		c.profile = name
 		return nil
 	}
 }

@@ -41,6 +41,7 @@ type ariState struct {
 	nextPoll    time.Time         // when to ask the CA again
 	pick        time.Time         // chosen renewal time in the CA's window; zero: none yet
 	unsupported bool              // the CA has no ARI
+	profileSaid bool              // WithProfile's name was checked (profile.go)
 }
 
 // renewAt is when leaf is due for renewal without ARI.
@@ -72,6 +73,7 @@ func (s *ariState) next(leaf *x509.Certificate, now time.Time, firstPoll time.Du
 // pollARI asks the CA for leaf's renewal window and picks the renewal time
 // in it.
 func (m *manager) pollARI(ctx context.Context, s *ariState, leaf *x509.Certificate) {
+	m.checkProfileEarly(ctx, s)
 	ri, err := m.issuer.renewalInfo(ctx, leaf)
 	now := m.clock.Now()
 	switch {

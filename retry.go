@@ -113,6 +113,7 @@ func classify(err error, now time.Time) failure {
 		bud  *budgetError
 		nyv  *notYetValidError
 		exp  *expiredError
+		pe   *profileError
 	)
 	switch {
 	case errors.As(err, &be):
@@ -142,6 +143,11 @@ func classify(err error, now time.Time) failure {
 			f.sentence = "certificate request refused by the broker"
 		}
 		return f
+	case errors.As(err, &pe):
+		// Nothing was sent but a read of the CA's directory; another
+		// attempt soon would read the same.
+		return failure{kind: kindCA, key: "ca profile", permanent: true,
+			sentence: "certificate request not sent: " + pe.Error()}
 	case errors.As(err, &txt):
 		return failure{kind: kindTXT, key: string(kindTXT),
 			sentence: "the broker accepted the challenge but its TXT record did not become visible; check that the resolver reaches the forge's DNS"}

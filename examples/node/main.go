@@ -5,7 +5,9 @@
 // broker and DNS server, all on 127.0.0.1) issues the certificate, and the
 // node checks itself by dialing its own WSS address from a second host.
 // With -production it uses libp2p.direct and Let's Encrypt, which needs a
-// publicly reachable TCP port.
+// publicly reachable TCP port: it keeps its identity key in its data
+// directory, and connects to the public libp2p bootstrap peers so that
+// AutoNAT has peers to ask to confirm that port (production.go).
 package main
 
 import (
@@ -149,16 +151,11 @@ func runLocal(ctx context.Context, logger *slog.Logger, port int, httpAddr strin
 
 // runProduction runs the node against libp2p.direct and Let's Encrypt.
 func runProduction(ctx context.Context, logger *slog.Logger, port int, dataDir string) error {
-	if port == 0 {
-		port = 4001
+	cfg, err := prodFlags.config(port, dataDir)
+	if err != nil {
+		return err
 	}
-	if dataDir == "" {
-		d, err := storage.DefaultDir()
-		if err != nil {
-			return err
-		}
-		dataDir = d
-	}
+	port, dataDir = cfg.port, cfg.dataDir
 	key, err := loadOrCreateKey(filepath.Join(dataDir, "identity.key"))
 	if err != nil {
 		return err
@@ -169,23 +166,13 @@ func runProduction(ctx context.Context, logger *slog.Logger, port int, dataDir s
 	}
 	step("data directory: %s (keep it: Let's Encrypt issues 5 certificates per name per week)", dataDir)
 
-	h, err := libp2p.New(
-		libp2p.Identity(key),
-		libp2p.ListenAddrStrings(
-			fmt.Sprintf("/ip4/0.0.0.0/tcp/%d", port),
-			fmt.Sprintf("/ip6/::/tcp/%d", port),
-			fmt.Sprintf("/ip4/0.0.0.0/udp/%d/quic-v1", port),
-			fmt.Sprintf("/ip6/::/udp/%d/quic-v1", port),
-		),
-		libp2p.NATPortMap(), // ask the router (UPnP / NAT-PMP) to forward the port
-		autotls.Option(autotls.WithStorage(store), autotls.WithLogger(logger)),
-	)
+	h, err := libp2p.New(cfg.hostOptions(key, store, logger)...)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
 	step("host started: %s, listening on TCP and UDP port %d", h.ID(), port)
-	step("waiting for AutoNAT to confirm a public TCP address; if this lasts, forward TCP port %d to this machine or enable UPnP on the router", port)
+	defer cfg.keepPeers(ctx, h)() // AutoNAT needs peers to ask
 
 	addrs, err := waitForCertificate(ctx, h)
 	if err != nil {
@@ -344,7 +331,13 @@ func loadOrCreateKey(path string) (crypto.PrivKey, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("creating %s: %w", filepath.Dir(path), err)
 	}
-	if err := os.WriteFile(path, raw, 0o600); err != nil {
+	// Written aside and renamed, so that a crash never leaves half a key
+	// (which the next start would refuse rather than replace).
+	tmp := path + ".new"
+	if err := os.WriteFile(tmp, raw, 0o600); err != nil {
+		return nil, fmt.Errorf("writing the identity key: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
 		return nil, fmt.Errorf("writing the identity key: %w", err)
 	}
 	step("new identity key written to %s", path)

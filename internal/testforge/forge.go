@@ -52,6 +52,15 @@ type Config struct {
 	// NotBefore + validity - 1s). Zero means Pebble's default, 90 days.
 	CertValidity time.Duration
 
+	// Profiles, if not nil, are the ACME profiles Pebble offers in its
+	// directory (meta.profiles), by name, with the validity of each
+	// (rounded up to whole seconds; zero means CertValidity). Nil means
+	// two profiles, "default" and "shortlived", both of CertValidity.
+	// Pebble gives an order that names no profile one at random, so with
+	// profiles of different validities a test should name one. At least
+	// one profile is needed.
+	Profiles map[string]time.Duration
+
 	// NonceRejectPercent is the percentage of valid nonces Pebble rejects
 	// with badNonce (PEBBLE_WFE_NONCEREJECT). Zero means none.
 	NonceRejectPercent int

@@ -58,15 +58,9 @@ func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.
 		plog = log.New(io.Discard, "", 0) // log skips formatting for io.Discard
 	}
 
-	var validity uint64 // 0: Pebble's default
-	if cfg.CertValidity > 0 {
-		validity = uint64((cfg.CertValidity + time.Second - 1) / time.Second)
-	}
-	profiles := map[string]ca.Profile{
-		// Pebble picks a random profile for orders that name none: both
-		// have the same validity so the choice does not matter.
-		"default":    {Description: "test forge default profile", ValidityPeriod: validity},
-		"shortlived": {Description: "test forge short-lived profile", ValidityPeriod: validity},
+	profiles, err := pebbleProfiles(cfg)
+	if err != nil {
+		return nil, err
 	}
 
 	store := db.NewMemoryStore()
@@ -131,6 +125,40 @@ func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.
 		log:           logger,
 		store:         store,
 	}, nil
+}
+
+// pebbleProfiles returns the profiles Pebble offers, from cfg.Profiles
+// and cfg.CertValidity.
+func pebbleProfiles(cfg Config) (map[string]ca.Profile, error) {
+	seconds := func(d time.Duration) uint64 {
+		if d <= 0 {
+			d = cfg.CertValidity
+		}
+		if d <= 0 {
+			return 0 // Pebble's default
+		}
+		return uint64((d + time.Second - 1) / time.Second)
+	}
+	if cfg.Profiles == nil {
+		// Pebble picks a random profile for orders that name none: both
+		// have the same validity so the choice does not matter.
+		return map[string]ca.Profile{
+			"default":    {Description: "test forge default profile", ValidityPeriod: seconds(0)},
+			"shortlived": {Description: "test forge short-lived profile", ValidityPeriod: seconds(0)},
+		}, nil
+	}
+	if len(cfg.Profiles) == 0 {
+		// Pebble panics on an order without a profile when it has none.
+		return nil, fmt.Errorf("testforge: Config.Profiles is empty; give at least one profile, or nil for the defaults")
+	}
+	profiles := make(map[string]ca.Profile, len(cfg.Profiles))
+	for name, d := range cfg.Profiles {
+		if name == "" || d < 0 {
+			return nil, fmt.Errorf("testforge: Config.Profiles: want a name and a validity of zero or more, got %q: %v", name, d)
+		}
+		profiles[name] = ca.Profile{Description: "test forge profile " + name, ValidityPeriod: seconds(d)}
+	}
+	return profiles, nil
 }
 
 // newVAAndWFE constructs the VA and the WFE with the environment variables
