@@ -110,6 +110,7 @@ func Option(opts ...Opt) libp2p.Option {
 // opened once a certificate is loaded).
 func (m *manager) configure(cfg *libp2p.Config) {
 	cfg.AddrsFactory = m.wrapAddrsFactory(cfg.AddrsFactory)
+	m.takeRegisterer(cfg)
 	var keep []ma.Multiaddr
 	for _, a := range cfg.ListenAddrs {
 		if isForgeListenAddr(a, m.cfg.forgeDomain) {

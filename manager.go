@@ -18,6 +18,7 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	ma "github.com/multiformats/go-multiaddr"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // startLoadTimeout bounds the storage read at start, which the host's
@@ -67,6 +68,13 @@ type manager struct {
 	// conns are the connections of our HTTP transports, closed with the
 	// host.
 	conns conns
+
+	// status is what the manager is doing (status.go); metrics is its
+	// Prometheus collector, nil when metrics are disabled (metrics.go),
+	// and promReg the registerer it goes to.
+	status  statusBoard
+	metrics *metrics
+	promReg prometheus.Registerer
 }
 
 func newManager(c *config) *manager {
@@ -83,6 +91,9 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 	m.name = certName(m.id, m.cfg.forgeDomain)
 	m.domain = certDomain(m.id, m.cfg.forgeDomain)
 	m.log = m.log.With("peer", m.id.String())
+	if err := m.attachStatus(h.EventBus()); err != nil {
+		return err
+	}
 
 	hc := m.cfg.httpClient
 	if hc == nil {
@@ -95,7 +106,7 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 	broker, err := newBrokerClient(brokerConfig{
 		Endpoint:    m.cfg.registrationEndpoint,
 		Key:         key,
-		HTTPClient:  hc,
+		HTTPClient:  m.metrics.brokerClient(hc),
 		UserAgent:   m.cfg.userAgent,
 		AccessToken: m.cfg.accessToken,
 		Now:         m.clock.Now,
@@ -108,6 +119,7 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 	solver := &dns01Solver{broker: broker, resolver: m.cfg.resolver, addrs: m.brokerAddrs, clock: m.clock}
 	m.issuer = newIssuer(m.cfg.caURL, m.cfg.caRoots, broker.userAgent, m.cfg.email, m.cfg.profile,
 		solver, m.store, m.clock, m.conns.dial, m.log.With("component", "acme"))
+	m.issuer.ra.next = m.metrics.caTransport(m.issuer.ra.next)
 
 	bus := h.EventBus()
 	if m.emLoaded, err = bus.Emitter(new(EvtCertificateLoaded), eventbus.Stateful); err != nil {
@@ -143,6 +155,8 @@ func (m *manager) onStart(ctx context.Context) error {
 	if stored != nil {
 		m.serve(stored, FromStorage)
 	}
+	m.metrics.add(m)
+	m.initialState()
 	m.wg.Add(1)
 	go m.run(loadErr)
 	return nil
@@ -157,7 +171,7 @@ func (m *manager) onStop(context.Context) error {
 	m.wg.Wait()
 	m.broker.close()
 	m.conns.closeAll()
-	return errors.Join(m.emLoaded.Close(), m.emExpired.Close(), m.emFailed.Close())
+	return errors.Join(m.emLoaded.Close(), m.emExpired.Close(), m.emFailed.Close(), m.closeStatus())
 }
 
 // runState is the run loop's memory of failures.
@@ -194,6 +208,7 @@ func (m *manager) run(loadErr error) {
 		if st.retryAt.After(due) {
 			due, poll = st.retryAt, false
 		}
+		m.statusScheduled(nextAttempt(due, poll, &st.ari, cur))
 		if !m.waitUntil(ctx, due) {
 			return
 		}
@@ -201,11 +216,13 @@ func (m *manager) run(loadErr error) {
 			m.pollARI(ctx, &st.ari, cur.leaf)
 			continue
 		}
+		m.statusAttempt()
 		err := m.attempt(ctx, st.attempt > 0 && st.last == kindBroker)
 		if ctx.Err() != nil {
 			return
 		}
 		if err == nil {
+			m.statusSucceeded()
 			st.attempt, st.retryAt, st.lastKey, st.last = 0, time.Time{}, "", ""
 			continue
 		}
@@ -219,7 +236,7 @@ func (m *manager) run(loadErr error) {
 // for nothing.
 func (m *manager) attempt(ctx context.Context, checkBroker bool) error {
 	if checkBroker {
-		if err := m.broker.health(ctx); err != nil {
+		if err := m.brokerHealth(ctx); err != nil {
 			return err
 		}
 	}
@@ -242,6 +259,7 @@ func (m *manager) fail(ctx context.Context, st *runState, err error) time.Durati
 	renewal := m.cert.Load() != nil
 	m.log.Log(ctx, level, f.sentence, "kind", string(f.kind), "renewal", renewal, "attempt", st.attempt, "retry_in", delay.Round(time.Millisecond), "err", err)
 	_ = m.emFailed.Emit(EvtIssuanceFailed{Err: err, Attempt: st.attempt, NextRetry: now.Add(delay), Renewal: renewal})
+	m.statusFailed(f, err, st.attempt, now, now.Add(delay))
 	return delay
 }
 
@@ -252,6 +270,7 @@ func (m *manager) fail(ctx context.Context, st *runState, err error) time.Durati
 func (m *manager) waitGates(ctx context.Context, st *runState) bool {
 	if d := m.cfg.registrationDelay - m.clock.Now().Sub(m.start); d > 0 {
 		m.log.Info("waiting for the registration delay before requesting a certificate", "delay", d.Round(time.Second))
+		m.setDelayState(m.clock.Now().Add(d))
 		if sleep(ctx, m.clock, d) != nil {
 			return false
 		}
@@ -259,8 +278,9 @@ func (m *manager) waitGates(ctx context.Context, st *runState) bool {
 	if !m.cfg.allowPrivate && !m.waitReachable(ctx) {
 		return false
 	}
+	m.setState(StateWaitingBroker)
 	for {
-		err := m.broker.health(ctx)
+		err := m.brokerHealth(ctx)
 		if err == nil {
 			return true
 		}
@@ -308,6 +328,7 @@ func (m *manager) serve(c *servedCert, src CertSource) {
 	m.cert.Store(c)
 	m.log.Info("certificate loaded", "source", string(src), "name", m.name, "not_after", c.leaf.NotAfter.Format(time.RFC3339))
 	m.openListeners()
+	m.statusServed(c, src)
 	_ = m.emLoaded.Emit(EvtCertificateLoaded{
 		Names:     append([]string(nil), c.leaf.DNSNames...),
 		NotBefore: c.leaf.NotBefore,
@@ -323,5 +344,6 @@ func (m *manager) expire(c *servedCert) {
 	}
 	m.log.Warn("certificate expired without renewal; browser addresses withdrawn until a new one is issued", "not_after", c.leaf.NotAfter.Format(time.RFC3339))
 	m.closeListeners()
+	m.statusExpired()
 	_ = m.emExpired.Emit(EvtCertificateExpired{Names: append([]string(nil), c.leaf.DNSNames...), NotAfter: c.leaf.NotAfter})
 }
