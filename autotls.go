@@ -64,8 +64,10 @@ import (
 //     stored certificate at once, otherwise waits for public reachability,
 //     the registration delay and broker health, obtains one, and renews it
 //     before it expires. Its state is published on the host's event bus as
-//     [EvtCertificateLoaded], [EvtCertificateExpired] and
-//     [EvtIssuanceFailed].
+//     [EvtCertificateLoaded], [EvtCertificateExpired],
+//     [EvtIssuanceFailed] and [EvtStatusChanged] ([StatusOf] reads it), and
+//     as Prometheus metrics on the host's registerer (none under
+//     libp2p.DisableMetrics).
 //
 // Options are checked when libp2p.New applies this option; an error there
 // says what to change. Option cannot be combined with

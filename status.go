@@ -15,37 +15,21 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 )
 
-// State is what the certificate manager of a host is doing.
+// State is what the certificate manager of a host is doing. A waiting
+// state says what the first certificate waits for; docs/operating.md
+// describes each.
 type State string
 
+// The states, in the order of a first issuance and renewal.
 const (
-	// StateWaitingDelay: no certificate yet; waiting for the registration
-	// delay ([WithRegistrationDelay]) to pass, until [Status.NextAttempt].
-	StateWaitingDelay State = "waiting_registration_delay"
-	// StateWaitingReachability: waiting for AutoNAT to confirm a publicly
-	// reachable TCP address ([Status.Reachability] shows what it found).
-	StateWaitingReachability State = "waiting_reachability"
-	// StateWaitingBroker: waiting for the broker's health check to pass;
-	// after a failed check, [Status.LastFailure] says why and
-	// [Status.NextAttempt] when it is checked again.
-	StateWaitingBroker State = "waiting_broker"
-	// StateIssuing: an attempt to obtain a certificate is under way, and
-	// none is in use.
-	StateIssuing State = "issuing"
-	// StateValid: a certificate is in use; its renewal is due at
-	// [Status.NextAttempt].
-	StateValid State = "valid"
-	// StateRenewing: a certificate is in use and its renewal is due: an
-	// attempt is under way, or the last one failed ([Status.LastFailure])
-	// and the next is at [Status.NextAttempt].
-	StateRenewing State = "renewing"
-	// StateExpired: the certificate expired without a replacement; its
-	// browser addresses are withdrawn until a new one is obtained, at
-	// [Status.NextAttempt] at the earliest.
-	StateExpired State = "expired"
-	// StateFailed: no certificate is in use and the last attempt failed
-	// ([Status.LastFailure]); the next is at [Status.NextAttempt].
-	StateFailed State = "failed"
+	StateWaitingDelay        State = "waiting_registration_delay" // no certificate; [WithRegistrationDelay] runs until NextAttempt
+	StateWaitingReachability State = "waiting_reachability"       // no certificate; AutoNAT has not confirmed a public TCP address
+	StateWaitingBroker       State = "waiting_broker"             // no certificate; the broker's health check has not passed
+	StateIssuing             State = "issuing"                    // no certificate; an attempt is under way
+	StateValid               State = "valid"                      // a certificate is in use; its renewal is due at NextAttempt
+	StateRenewing            State = "renewing"                   // a certificate is in use and due for renewal; an attempt is under way, or failed
+	StateExpired             State = "expired"                    // the certificate expired without a replacement; attempts go on
+	StateFailed              State = "failed"                     // no certificate; the last attempt failed, the next is at NextAttempt
 )
 
 // states lists every state, in the order of a first issuance.
