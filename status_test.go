@@ -97,6 +97,13 @@ func (l *statusLog) waitState(t testing.TB, from int, s State) (Status, int) {
 	return l.waitFor(t, from, string(s), func(st Status) bool { return st.State == s })
 }
 
+// caughtUp waits until the log holds s, read by a late subscriber: the
+// subscriber from the start sees it too, and has seen all before it.
+func (l *statusLog) caughtUp(t testing.TB, s Status) {
+	t.Helper()
+	l.waitFor(t, 0, "read late", func(x Status) bool { return reflect.DeepEqual(x, s) })
+}
+
 // states returns the states from the from-th status on, each once per
 // stay.
 func (l *statusLog) states(from int) []State {
@@ -269,9 +276,7 @@ func TestStatusFailure(t *testing.T) {
 			if !strings.Contains(r.logs.String(), s.LastFailure.Message) {
 				t.Errorf("the failure %q is not what the log says:\n%s", s.LastFailure.Message, r.logs)
 			}
-			if last := log.all()[len(log.all())-1]; !reflect.DeepEqual(last, s) {
-				t.Errorf("a late subscriber reads %+v, the last event said %+v", s, last)
-			}
+			log.caughtUp(t, s)
 			t.Logf("a program reads: %s", s)
 
 			down.Store(false)
@@ -330,6 +335,7 @@ func TestStatusExpiry(t *testing.T) {
 	if s.State != StateRenewing || s.LastFailure == nil || s.LastFailure.Kind != string(kindBroker) || !s.NotAfter.Equal(notAfter) {
 		t.Fatalf("a minute before expiry with the broker down: %+v, want renewing the certificate valid until %v, with the broker's failure", s, notAfter)
 	}
+	log.caughtUp(t, s)
 	if got := log.states(0); !slices.Equal(got, []State{StateValid, StateRenewing}) {
 		t.Errorf("states before expiry %v, want valid, renewing", got)
 	}
@@ -342,6 +348,7 @@ func TestStatusExpiry(t *testing.T) {
 	if s.State != StateExpired || s.LastFailure == nil || !s.LastFailure.Time.After(notAfter) || !s.NotAfter.IsZero() || s.Names != nil {
 		t.Errorf("after failed attempts since the expiry: %+v, want expired, no certificate, the latest failure", s)
 	}
+	log.caughtUp(t, s)
 	if got := log.states(expAt); !slices.Contains(got, StateIssuing) || slices.Contains(got, StateFailed) {
 		t.Errorf("states since the expiry %v, want attempts (issuing) ending expired, never failed", got)
 	}
