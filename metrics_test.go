@@ -1,6 +1,7 @@
 package autotls
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -209,5 +210,30 @@ func TestMetricsDisabled(t *testing.T) {
 	waitCert(t, h, 30*time.Second)
 	if m.metrics != nil || m.promReg != nil {
 		t.Error("metrics registered under libp2p.DisableMetrics")
+	}
+}
+
+// TestRequestOutcome: the outcome label of each kind of answer.
+func TestRequestOutcome(t *testing.T) {
+	challenge := http.Header{"Www-Authenticate": {`libp2p-PeerID challenge-client="x", public-key="y", opaque="z"`}}
+	for _, tc := range []struct {
+		name string
+		resp *http.Response
+		err  error
+		want string
+	}{
+		{"200", &http.Response{StatusCode: 200}, nil, "ok"},
+		{"204", &http.Response{StatusCode: 204}, nil, "ok"},
+		{"PeerID challenge", &http.Response{StatusCode: 401, Header: challenge}, nil, "auth_challenge"},
+		{"other 401", &http.Response{StatusCode: 401, Header: http.Header{}}, nil, "client_error"},
+		{"307", &http.Response{StatusCode: 307}, nil, "redirect"},
+		{"429", &http.Response{StatusCode: 429}, nil, "rate_limited"},
+		{"400", &http.Response{StatusCode: 400}, nil, "client_error"},
+		{"503", &http.Response{StatusCode: 503}, nil, "server_error"},
+		{"refused", nil, errors.New("connection refused"), "error"},
+	} {
+		if got := requestOutcome(tc.resp, tc.err); got != tc.want {
+			t.Errorf("%s: outcome %q, want %q", tc.name, got, tc.want)
+		}
 	}
 }

@@ -23,7 +23,7 @@ type State string
 // The states, in the order of a first issuance and renewal.
 const (
 	StateWaitingDelay        State = "waiting_registration_delay" // no certificate; [WithRegistrationDelay] runs until NextAttempt
-	StateWaitingReachability State = "waiting_reachability"       // no certificate; AutoNAT has not confirmed a public TCP address
+	StateWaitingReachability State = "waiting_reachability"       // AutoNAT has not confirmed a public TCP address to request a certificate for
 	StateWaitingBroker       State = "waiting_broker"             // no certificate; the broker's health check has not passed
 	StateIssuing             State = "issuing"                    // no certificate; an attempt is under way
 	StateValid               State = "valid"                      // a certificate is in use; its renewal is due at NextAttempt
@@ -160,8 +160,11 @@ func (s Status) String() string {
 	case StateFailed:
 		b.WriteString(": no certificate")
 	}
+	if !s.NotAfter.IsZero() && s.State != StateValid && s.State != StateRenewing {
+		fmt.Fprintf(&b, "; the certificate in use is valid until %s", at(s.NotAfter))
+	}
 	if f := s.LastFailure; f != nil && s.State != StateValid {
-		fmt.Fprintf(&b, "; failed (%s): %s", f.Kind, f.Message)
+		fmt.Fprintf(&b, "; last failure (%s): %s", f.Kind, f.Message)
 	}
 	if !s.NextAttempt.IsZero() && s.State != StateValid && s.State != StateWaitingDelay {
 		fmt.Fprintf(&b, "; next attempt at %s", at(s.NextAttempt))

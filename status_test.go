@@ -444,3 +444,36 @@ func (l *failureLog) nth(t testing.TB, n int) EvtIssuanceFailed {
 		}
 	}
 }
+
+// TestStatusString: the one line says the state and what it waits for.
+func TestStatusString(t *testing.T) {
+	at := time.Date(2026, 11, 26, 16, 0, 0, 0, time.UTC)
+	fail := &Failure{Kind: "broker", Message: "the broker is unreachable; retrying", Attempt: 2}
+	reach := Reachability{Unreachable: []ma.Multiaddr{ma.StringCast("/ip4/11.0.0.7/tcp/4001")}}
+	for _, tc := range []struct {
+		s    Status
+		want string
+	}{
+		{Status{State: StateWaitingDelay, NextAttempt: at},
+			"waiting_registration_delay: waiting for the registration delay to pass, until 2026-11-26T16:00:00Z"},
+		{Status{State: StateWaitingReachability, Reachability: reach},
+			"waiting_reachability: waiting for AutoNAT to confirm a publicly reachable TCP address (unreachable: [/ip4/11.0.0.7/tcp/4001])"},
+		{Status{State: StateWaitingReachability, NotAfter: at},
+			"waiting_reachability: waiting for AutoNAT to confirm a publicly reachable TCP address; the certificate in use is valid until 2026-11-26T16:00:00Z"},
+		{Status{State: StateWaitingBroker, LastFailure: fail, NextAttempt: at},
+			"waiting_broker: waiting for the broker's health check; last failure (broker): the broker is unreachable; retrying; next attempt at 2026-11-26T16:00:00Z"},
+		{Status{State: StateIssuing}, "issuing: requesting a certificate"},
+		{Status{State: StateValid, NotAfter: at, NextAttempt: at.Add(-time.Hour)},
+			"valid: certificate valid until 2026-11-26T16:00:00Z, renewal at 2026-11-26T15:00:00Z"},
+		{Status{State: StateRenewing, NotAfter: at, LastFailure: fail, NextAttempt: at.Add(-time.Hour)},
+			"renewing: renewing the certificate valid until 2026-11-26T16:00:00Z; last failure (broker): the broker is unreachable; retrying; next attempt at 2026-11-26T15:00:00Z"},
+		{Status{State: StateExpired, LastFailure: fail, NextAttempt: at},
+			"expired: the certificate expired without a replacement; browser addresses withdrawn; last failure (broker): the broker is unreachable; retrying; next attempt at 2026-11-26T16:00:00Z"},
+		{Status{State: StateFailed, LastFailure: fail, NextAttempt: at},
+			"failed: no certificate; last failure (broker): the broker is unreachable; retrying; next attempt at 2026-11-26T16:00:00Z"},
+	} {
+		if got := tc.s.String(); got != tc.want {
+			t.Errorf("%s:\n got %s\nwant %s", tc.s.State, got, tc.want)
+		}
+	}
+}
