@@ -2,7 +2,6 @@ package autotls
 
 import (
 	"context"
-	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -13,24 +12,15 @@ import (
 	"fmt"
 	"io/fs"
 
-	"github.com/caddyserver/certmagic"
 	"github.com/mholt/acmez/v3/acme"
+
+	"github.com/p2ptls/autotls/internal/layout"
 )
 
 // storedAccount is the ACME account as kept in storage.
-type storedAccount struct {
-	Location      string   `json:"location"`
-	Contact       []string `json:"contact,omitempty"`
-	PrivateKeyPEM string   `json:"private_key_pem"`
-}
+type storedAccount = layout.Account
 
-func (i *issuer) accountKey() string {
-	name := "default"
-	if i.email != "" {
-		name = certmagic.StorageKeys.Safe(i.email)
-	}
-	return "autotls/acme/" + i.store.issuerKey + "/accounts/" + name + ".json"
-}
+func (i *issuer) accountKey() string { return layout.AccountKey(i.store.issuerKey, i.email) }
 
 // getAccount loads the ACME account from storage, or registers one with
 // the CA and stores it.
@@ -44,7 +34,7 @@ func (i *issuer) getAccount(ctx context.Context) (acme.Account, error) {
 	// Hosts sharing the storage share the account, and one of them
 	// registers it: Let's Encrypt allows 10 registrations per IP address
 	// per 3 hours.
-	unlock, err := lockStorage(ctx, i.store.s, "register_account_"+i.store.issuerKey, i.log)
+	unlock, err := lockStorage(ctx, i.store.s, layout.AccountLock(i.store.issuerKey), i.log)
 	if err != nil {
 		return acme.Account{}, err
 	}
@@ -102,25 +92,7 @@ func (i *issuer) loadAccount(ctx context.Context) (acme.Account, bool, error) {
 	return acct, true, nil
 }
 
-func parseStoredAccount(raw []byte) (acme.Account, error) {
-	var sa storedAccount
-	if err := json.Unmarshal(raw, &sa); err != nil {
-		return acme.Account{}, fmt.Errorf("decoding: %w", err)
-	}
-	block, _ := pem.Decode([]byte(sa.PrivateKeyPEM))
-	if block == nil || sa.Location == "" {
-		return acme.Account{}, errors.New("no key or location")
-	}
-	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
-	if err != nil {
-		return acme.Account{}, fmt.Errorf("parsing the key: %w", err)
-	}
-	signer, ok := k.(crypto.Signer)
-	if !ok {
-		return acme.Account{}, errors.New("key cannot sign")
-	}
-	return acme.Account{Status: acme.StatusValid, Location: sa.Location, Contact: sa.Contact, TermsOfServiceAgreed: true, PrivateKey: signer}, nil
-}
+func parseStoredAccount(raw []byte) (acme.Account, error) { return layout.DecodeAccount(raw) }
 
 func (i *issuer) forgetAccount(ctx context.Context) error {
 	i.account = nil

@@ -27,6 +27,7 @@
 package autotls
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -48,14 +49,16 @@ import (
 // Option returns a libp2p option that gives the host a browser-trusted
 // certificate and Secure WebSocket listeners. It adds to the host:
 //
-//   - a WebSocket transport serving the certificate (it replaces a
-//     WebSocket transport configured elsewhere; other transports, given or
-//     default, are kept);
+//   - a WebSocket transport serving the certificate, and your own for
+//     other names with [WithTLSConfig] (it replaces a WebSocket transport
+//     configured elsewhere; other transports, given or default, are kept);
 //   - a WSS listener /ipX/<ip>/tcp/<port>/tls/sni/*.<forge>/ws on the IP and
 //     port of every TCP listener, sharing the TCP port (it turns on
 //     libp2p.ShareTCPListener), or exactly the /tls/sni/*.<forge>/ws listen
 //     addresses given with libp2p.ListenAddrs, if any. The listeners are open
-//     while a valid certificate is loaded;
+//     while a valid certificate is loaded. Where a WSS listen address of
+//     your own holds a TCP listener's port, that listener serves the
+//     forge's names instead;
 //   - an address factory, run after any given with libp2p.AddrsFactory,
 //     that announces those listeners as browser-dialable addresses while
 //     the certificate is valid (public ones only unless
@@ -69,22 +72,47 @@ import (
 //     as Prometheus metrics on the host's registerer (none under
 //     libp2p.DisableMetrics).
 //
-// Options are checked when libp2p.New applies this option; an error there
-// says what to change. Option cannot be combined with
-// libp2p.PrivateNetwork: browsers cannot join a private network.
+// Mistakes are refused at libp2p.New, whatever the option order, with an
+// error that names autotls and says what to change: an invalid Opt,
+// Option given twice, libp2p.PrivateNetwork (browsers cannot join a
+// private network), no TCP listen address for the WSS listener to share,
+// a /tls/sni/*.<domain>/ws listen address for another forge domain, and a
+// WSS listen address or a websocket.WithTLSConfig for names of your own
+// without [WithTLSConfig]. A host whose TCP listeners all failed to open
+// fails to start. Storage is checked at start: if it cannot be written,
+// that is said at once (and retried like a failed attempt), while the
+// host's other transports work on.
 func Option(opts ...Opt) libp2p.Option {
 	return func(cfg *libp2p.Config) error {
 		c, err := newConfig(opts)
 		if err != nil {
 			return fmt.Errorf("autotls: %w", err)
 		}
+		if err := markOption(cfg); err != nil {
+			return err
+		}
 		if len(cfg.PSK) > 0 {
-			return errors.New("autotls: cannot be used with libp2p.PrivateNetwork: browsers cannot join a private network; remove one of the two")
+			return errPrivateNetwork
+		}
+		for _, a := range cfg.ListenAddrs {
+			if err := checkListenAddr(a, c.forgeDomain, c.userTLS != nil); err != nil {
+				return err
+			}
 		}
 		m := newManager(c)
-		cfg.ShareTCPListener = true
 		var once sync.Once
 		cfg.UserFxOptions = append(cfg.UserFxOptions,
+			// A module's invokes run before the root's, which build the
+			// host: the configuration is final (every option applied),
+			// and nothing is built yet.
+			fx.Module("autotls", fx.Invoke(func() error {
+				if err := m.checkConfig(cfg); err != nil {
+					releaseConfig(cfg)
+					return err
+				}
+				return nil
+			})),
+			fx.Decorate(shareTCP),
 			// Runs while the host is being built, after every libp2p option
 			// (in any order) has been applied: the moment to wrap the final
 			// address factory and take our listen addresses.
@@ -96,10 +124,27 @@ func Option(opts ...Opt) libp2p.Option {
 				fx.ParamTags(`group:"transport"`),
 				fx.ResultTags(`group:"transport"`))),
 			fx.Invoke(func(h host.Host, sw *swarm.Swarm, key crypto.PrivKey, lc fx.Lifecycle) error {
+				if m.setupErr != nil {
+					_ = h.Close()
+					releaseConfig(cfg)
+					return m.setupErr
+				}
 				if err := m.attach(h, sw, key); err != nil {
 					return fmt.Errorf("autotls: %w", err)
 				}
-				lc.Append(fx.Hook{OnStart: m.onStart, OnStop: m.onStop})
+				lc.Append(fx.Hook{
+					OnStart: func(ctx context.Context) error {
+						err := m.onStart(ctx)
+						if err != nil {
+							// libp2p.New returns the error without
+							// closing what it started.
+							_ = h.Close()
+							releaseConfig(cfg)
+						}
+						return err
+					},
+					OnStop: m.onStop,
+				})
 				return nil
 			}),
 		)
@@ -107,11 +152,24 @@ func Option(opts ...Opt) libp2p.Option {
 	}
 }
 
+// shareTCP turns go-libp2p's shared TCP listener on (as
+// libp2p.ShareTCPListener does), so that a WSS listener can share the
+// port of a TCP listener. Doing it here rather than in the configuration
+// lets [Option]'s own check refuse a libp2p.PrivateNetwork given after it
+// (go-libp2p refuses a private network with a shared listener first, in
+// words that do not name autotls).
+func shareTCP(cm *tcpreuse.ConnMgr, u transport.Upgrader) *tcpreuse.ConnMgr {
+	if cm != nil {
+		return cm
+	}
+	return tcpreuse.NewConnMgr(tcpreuse.EnvReuseportVal, u)
+}
+
 // configure takes the final libp2p configuration: it wraps the address
 // factory and keeps the user's forge listen addresses for itself (they are
 // opened once a certificate is loaded).
 func (m *manager) configure(cfg *libp2p.Config) {
-	cfg.AddrsFactory = m.wrapAddrsFactory(cfg.AddrsFactory)
+	cfg.AddrsFactory = m.wrapAddrsFactory(m.announceShared(cfg.AddrsFactory))
 	m.takeRegisterer(cfg)
 	var keep []ma.Multiaddr
 	for _, a := range cfg.ListenAddrs {
@@ -131,7 +189,8 @@ func (m *manager) configure(cfg *libp2p.Config) {
 func (m *manager) transports(tpts []transport.Transport, u transport.Upgrader, rcmgr network.ResourceManager, shared *tcpreuse.ConnMgr) ([]transport.Transport, error) {
 	out := make([]transport.Transport, 0, len(tpts)+1)
 	for _, t := range tpts {
-		if _, ok := t.(*ws.WebsocketTransport); ok {
+		if w, ok := t.(*ws.WebsocketTransport); ok {
+			m.noteReplaced(w)
 			continue
 		}
 		out = append(out, t)
@@ -146,10 +205,14 @@ func (m *manager) transports(tpts []transport.Transport, u transport.Upgrader, r
 // tlsConfig is the server configuration of the WSS listeners: the current
 // certificate, picked per handshake so that a renewal needs no restart.
 func (m *manager) tlsConfig() *tls.Config {
-	return &tls.Config{
+	c := &tls.Config{
 		MinVersion:     tls.VersionTLS12,
 		GetCertificate: m.getCertificate,
 	}
+	if m.cfg.userTLS != nil {
+		c.GetConfigForClient = m.configForClient
+	}
+	return c
 }
 
 var errNoCertificate = errors.New("autotls: no certificate loaded yet")

@@ -7,10 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"slices"
 	"time"
 
-	"github.com/caddyserver/certmagic"
+	"github.com/p2ptls/autotls/internal/layout"
 )
 
 // The issuance budget. Let's Encrypt issues at most 5 certificates per
@@ -31,15 +30,12 @@ import (
 // and name; it applies to any CA, whose own limits are at least as loose
 // in practice.
 const (
-	budgetLimit  = 5
-	budgetWindow = 7 * 24 * time.Hour
+	budgetLimit  = layout.BudgetLimit
+	budgetWindow = layout.BudgetWindow
 )
 
 // issuance is one certificate issued for the name, as recorded.
-type issuance struct {
-	At     time.Time `json:"at"`     // on the recording host's clock
-	Serial string    `json:"serial"` // hexadecimal
-}
+type issuance = layout.Issuance
 
 // budgetError: a new certificate for name now would be the sixth in seven
 // days. It frees up when the oldest of the last five is seven days old.
@@ -56,7 +52,7 @@ func (e *budgetError) Error() string {
 
 // budgetKey is where the record of issuances for the name is kept.
 func (p *pairStore) budgetKey() string {
-	return "autotls/issuance/" + p.issuerKey + "/" + certmagic.StorageKeys.Safe(p.name) + ".json"
+	return layout.BudgetKey(p.issuerKey, p.name)
 }
 
 // checkBudget returns a *budgetError if a new order for the name, at now,
@@ -112,7 +108,5 @@ func (p *pairStore) issuances(ctx context.Context, now time.Time) ([]issuance, e
 		p.log.Warn("the issuance budget is unreadable; starting it afresh", "key", p.budgetKey(), "err", err)
 		return nil, nil
 	}
-	recent := slices.DeleteFunc(all, func(i issuance) bool { return !i.At.Add(budgetWindow).After(now) })
-	slices.SortFunc(recent, func(a, b issuance) int { return a.At.Compare(b.At) })
-	return recent, nil
+	return layout.Recent(all, now), nil
 }

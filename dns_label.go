@@ -12,7 +12,8 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
-	"github.com/multiformats/go-multibase"
+
+	"github.com/p2ptls/autotls/internal/layout"
 )
 
 const (
@@ -80,49 +81,11 @@ func isLowerAlnum(c byte) bool {
 	return ('a' <= c && c <= 'z') || ('0' <= c && c <= '9')
 }
 
-// peerIDLabel returns the DNS label for id: its CIDv1 (codec libp2p-key,
-// 0x72) in lower-case multibase base36, prefix 'k'. For an Ed25519 key this
-// is 62 characters, for secp256k1 63, for RSA and ECDSA 56. It returns ""
-// for an ID that is not a valid multihash (such as the empty ID).
-func peerIDLabel(id peer.ID) string {
-	c := peer.ToCid(id)
-	if !c.Defined() {
-		return ""
-	}
-	s, err := c.StringOfBase(multibase.Base36)
-	if err != nil {
-		return ""
-	}
-	return s
-}
+// peerIDLabel returns the DNS label for id ([layout.PeerLabel]).
+func peerIDLabel(id peer.ID) string { return layout.PeerLabel(id) }
 
-// ipLabel returns the DNS label for ip. An IPv4 address is its dotted quad
-// with '.' replaced by '-' ("203-0-113-7"). An IPv6 address is its RFC 5952
-// text with ':' replaced by '-', with "0" prepended if that starts with '-'
-// and appended if it ends with '-', so that the label is a valid host name
-// ("2001-db8--1", "0--1", "2001-db8--0", "0--0"). IPv4-mapped IPv6
-// addresses (their text has dots), addresses with a zone, and the zero
-// [netip.Addr] are refused.
-func ipLabel(ip netip.Addr) (string, error) {
-	switch {
-	case !ip.IsValid():
-		return "", errors.New("invalid IP address")
-	case ip.Zone() != "":
-		return "", fmt.Errorf("IP address %s has a zone", ip)
-	case ip.Is4In6():
-		return "", fmt.Errorf("IPv4-mapped IPv6 address %s cannot be a DNS label", ip)
-	case ip.Is4():
-		return strings.ReplaceAll(ip.String(), ".", "-"), nil
-	}
-	l := strings.ReplaceAll(ip.String(), ":", "-")
-	if strings.HasPrefix(l, "-") {
-		l = "0" + l
-	}
-	if strings.HasSuffix(l, "-") {
-		l += "0"
-	}
-	return l, nil
-}
+// ipLabel returns the DNS label for ip ([layout.IPLabel]).
+func ipLabel(ip netip.Addr) (string, error) { return layout.IPLabel(ip) }
 
 // certName returns the only name in the certificate for id:
 // "*.<peer label>.<forge>". forge must be normalized

@@ -36,7 +36,9 @@ type EvtCertificateExpired struct {
 }
 
 // EvtIssuanceFailed is emitted when an attempt to obtain or renew the
-// certificate fails. The certificate in use, if any, stays in use. It is
+// certificate fails, or when storage fails the check that it is writable,
+// made at start before any other wait (its Err then wraps the storage's
+// error). The certificate in use, if any, stays in use. It is
 // not stateful: an [EvtCertificateLoaded] after it ends the failure.
 type EvtIssuanceFailed struct {
 	// Err is the cause; a *[BrokerError] when the broker refused.

@@ -1,6 +1,7 @@
 package autotls_test
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log"
@@ -34,6 +35,25 @@ func ExampleOption() {
 	for _, a := range h.Addrs() {
 		fmt.Printf("%s/p2p/%s\n", a, h.ID())
 	}
+}
+
+// A host that already serves Secure WebSockets on a domain of its own
+// keeps doing so, with the forge's certificate next to its own on the same
+// listeners: the configuration once given to websocket.WithTLSConfig goes
+// to WithTLSConfig.
+func ExampleWithTLSConfig() {
+	own, err := tls.LoadX509KeyPair("example.com.crt", "example.com.key")
+	if err != nil {
+		log.Fatal(err)
+	}
+	h, err := libp2p.New(
+		libp2p.ListenAddrStrings("/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/tcp/443/tls/ws"),
+		autotls.Option(autotls.WithTLSConfig(&tls.Config{Certificates: []tls.Certificate{own}})),
+	)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer h.Close()
 }
 
 // Failures of the broker carry its status, an excerpt of its answer and

@@ -2,14 +2,25 @@ package autotls
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
+	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/mholt/acmez/v3/acme"
 )
+
+// refused is the error of a dial to a closed port, as net/http returns it.
+func refused() error {
+	return &url.Error{Op: "Post", URL: "https://ca/dir", Err: &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}}
+}
 
 // TestClassifyKey: the failures logged once (then at debug level while
 // they repeat) are told apart by cause, not by error text, which changes
@@ -31,7 +42,7 @@ func TestClassifyKey(t *testing.T) {
 		return wrap(&caError{ca: "https://ca/dir/" + detail, err: fmt.Errorf("finalizing the order %s: %w", detail, acme.Problem{Type: typ, Detail: detail})})
 	}
 	caDown := func(endpoint string) error {
-		return wrap(&caError{ca: "https://ca/dir", err: fmt.Errorf("POST %s: dial tcp 127.0.0.1:1: connect: connection refused", endpoint)})
+		return wrap(&caError{ca: "https://ca/dir", err: fmt.Errorf("POST %s: %w", endpoint, refused())})
 	}
 	for _, tc := range []struct {
 		name string
@@ -78,7 +89,10 @@ func TestClassifyDelays(t *testing.T) {
 		{"invalid authorization", &caError{ca: "https://ca/dir", err: authz}, kindValidation, validationFloor, false, 0, "could not validate"},
 		{"rate limited", &caError{ca: "https://ca/dir", retryAt: now.Add(time.Hour), err: acme.Problem{Type: acme.ProblemTypeRateLimited, Status: 429}}, kindRateLimited, 0, false, time.Hour, "rate limited"},
 		{"CA 503", &caError{ca: "https://ca/dir", retryAt: now.Add(2 * time.Second), err: acme.Problem{Type: acme.ProblemTypeServerInternal, Status: 503}}, kindCA, 0, false, 2 * time.Second, "https://ca/dir"},
-		{"CA unreachable", &caError{ca: "https://ca/dir", err: errors.New("connection refused")}, kindCAUnreachable, 0, false, 0, "the CA (https://ca/dir) is unreachable"},
+		{"CA unreachable", &caError{ca: "https://ca/dir", err: refused()}, kindCAUnreachable, 0, false, 0, "the CA (https://ca/dir) is unreachable; retrying"},
+		{"CA name unknown", &caError{ca: "https://ca.invalid/dir", err: &url.Error{Op: "Get", URL: "https://ca.invalid/dir", Err: &net.OpError{Op: "dial", Net: "tcp", Err: &net.DNSError{Name: "ca.invalid", Err: "no such host", IsNotFound: true}}}}, kindCAUnreachable, 0, false, 0, "the CA (https://ca.invalid/dir) is unreachable: its name does not resolve (ca.invalid)"},
+		{"CA not trusted", &caError{ca: "https://ca/dir", err: &url.Error{Op: "Get", URL: "https://ca/dir", Err: &tls.CertificateVerificationError{Err: x509.UnknownAuthorityError{}}}}, kindCAUnreachable, 0, false, 0, "the CA (https://ca/dir) is unreachable: its HTTPS certificate is not trusted here"},
+		{"CA answer not understood", &caError{ca: "https://ca/dir", err: errors.New("HTTP 503: <html>No server is available</html>")}, kindCA, 0, false, 0, "the CA (https://ca/dir) is failing; retrying"},
 		{"storage", &storageError{"storing the certificate", errors.New("read-only file system")}, kindStorage, 0, false, 0, "storage"},
 		{"lock", &lockError{name: "issue_cert_x", err: context.DeadlineExceeded}, kindLock, 0, false, 0, "lock"},
 	} {

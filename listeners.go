@@ -32,11 +32,17 @@ func (m *manager) planListeners() {
 		return
 	}
 	m.listen.addrs = nil
+	var shared []ma.Multiaddr
 	for _, a := range m.sw.ListenAddresses() {
 		if w, ok := wssListenAddr(a, m.cfg.forgeDomain); ok {
+			if m.userWSSOn(a) {
+				shared = append(shared, a) // see announceShared
+				continue
+			}
 			m.listen.addrs = append(m.listen.addrs, w)
 		}
 	}
+	m.sharedWSS.Store(&shared)
 }
 
 // openListeners starts the WSS listeners. Opening them is what makes the
@@ -47,10 +53,6 @@ func (m *manager) openListeners() {
 		return // a renewal: handshakes pick the new certificate up
 	}
 	m.listen.open = true
-	if len(m.listen.addrs) == 0 {
-		m.log.Warn("no TCP listener to share with a WSS listener; browsers cannot dial this host (listen on TCP or add a /tls/sni/*." + m.cfg.forgeDomain + "/ws listen address)")
-		return
-	}
 	for _, a := range m.listen.addrs {
 		if err := m.sw.Listen(a); err != nil {
 			m.log.Warn("could not open a WSS listener", "addr", a, "err", err)

@@ -50,6 +50,12 @@ type manager struct {
 	// userWSS are forge listen addresses the user listed; nil means one per
 	// TCP listener.
 	userWSS []ma.Multiaddr
+	// setupErr is a mistake found while the host was built (checks.go),
+	// returned from libp2p.New.
+	setupErr error
+	// sharedWSS are the TCP listen addresses whose port a WSS listener of
+	// the user's holds, which serves the forge's names too (owncert.go).
+	sharedWSS atomic.Pointer[[]ma.Multiaddr]
 
 	cert   atomic.Pointer[servedCert]
 	reach  reachability
@@ -141,6 +147,9 @@ func (m *manager) onStart(ctx context.Context) error {
 	m.start = m.clock.Now()
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	m.planListeners()
+	if err := m.checkTCPListeners(); err != nil {
+		return err
+	}
 
 	sub, err := m.host.EventBus().Subscribe([]any{new(event.EvtHostReachableAddrsChanged), new(event.EvtLocalReachabilityChanged)})
 	if err != nil {
@@ -189,6 +198,9 @@ func (m *manager) run(loadErr error) {
 	defer m.wg.Done()
 	ctx := m.ctx
 	var st runState
+	if !m.checkStorage(ctx, &st) {
+		return
+	}
 	if m.cert.Load() == nil {
 		if loadErr != nil && !errors.Is(loadErr, fs.ErrNotExist) {
 			f := classify(loadErr, m.clock.Now())

@@ -1,6 +1,7 @@
 package autotls
 
 import (
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -46,6 +47,7 @@ type config struct {
 	email                string
 	logger               *slog.Logger
 	httpClient           *http.Client
+	userTLS              *tls.Config // WithTLSConfig: serves the user's own names
 
 	// For this package's tests; not public API.
 	clock     clock
@@ -68,7 +70,8 @@ func WithForgeDomain(domain string) Opt {
 }
 
 // WithRegistrationEndpoint sets the base URL of the forge's broker (the
-// client appends /v1/health and /v1/_acme-challenge). Without it,
+// client appends /v1/health and /v1/_acme-challenge; a URL ending in one
+// of these routes is refused, naming the base URL to give). Without it,
 // [DefaultRegistrationEndpoint] is used with the default forge domain, and
 // [Option] fails with any other domain.
 func WithRegistrationEndpoint(endpoint string) Opt {
@@ -76,6 +79,9 @@ func WithRegistrationEndpoint(endpoint string) Opt {
 		u, err := url.Parse(endpoint)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			return fmt.Errorf("WithRegistrationEndpoint(%q): want an absolute http or https URL such as %s", endpoint, DefaultRegistrationEndpoint)
+		}
+		if err := checkRegistrationPath(u); err != nil {
+			return fmt.Errorf("WithRegistrationEndpoint(%q): %w", endpoint, err)
 		}
 		c.registrationEndpoint = strings.TrimRight(endpoint, "/")
 		return nil

@@ -164,8 +164,15 @@ func classify(err error, now time.Time) failure {
 	if errors.As(err, &ce) {
 		caName = "the CA (" + ce.ca + ")"
 		f.retryAt = ce.retryAt
-		f.kind, f.key = kindCAUnreachable, string(kindCAUnreachable)
-		f.sentence = caName + " is unreachable; retrying"
+		if sentence, ok := caUnreachable(err, caName); ok {
+			f.kind, f.key = kindCAUnreachable, string(kindCAUnreachable)
+			f.sentence = sentence
+		} else {
+			// An answer that is not an ACME problem (a load balancer's
+			// page, garbage); a problem is told apart below.
+			f.kind, f.key = kindCA, "ca failing"
+			f.sentence = caName + " is failing; retrying"
+		}
 	}
 	if errors.As(err, &prob) {
 		f.key = fmt.Sprintf("ca %s %d", prob.Type, prob.Status)

@@ -163,7 +163,7 @@ func (s Status) String() string {
 	if !s.NotAfter.IsZero() && s.State != StateValid && s.State != StateRenewing {
 		fmt.Fprintf(&b, "; the certificate in use is valid until %s", at(s.NotAfter))
 	}
-	if f := s.LastFailure; f != nil && s.State != StateValid {
+	if f := s.LastFailure; f != nil {
 		fmt.Fprintf(&b, "; last failure (%s): %s", f.Kind, f.Message)
 	}
 	if !s.NextAttempt.IsZero() && s.State != StateValid && s.State != StateWaitingDelay {
@@ -309,20 +309,24 @@ func (m *manager) statusExpired() {
 	})
 }
 
-// statusFailed: an attempt (or a health check of the broker before the
-// first) failed with f; the next is at next. A failed attempt to issue
-// leaves the manager failed, or expired if it lost a certificate; a
-// failed renewal leaves it renewing; a gate keeps waiting.
+// statusFailed: an attempt, a health check of the broker before the
+// first, or the storage check at start failed with f; the next try is at
+// next. Without a certificate in use the manager is then failed (expired
+// if it lost one), unless the broker's own gate failed: it keeps waiting
+// for the broker. With one, the state stays (a failed renewal is still
+// renewing).
 func (m *manager) statusFailed(f failure, err error, attempt int, now, next time.Time) {
 	m.metrics.attempt(string(f.kind))
 	m.updateStatus(func(st *Status) {
 		st.LastFailure = &Failure{Kind: string(f.kind), Message: f.sentence, Err: err, Time: now, Attempt: attempt}
 		st.NextAttempt = next
-		if st.State == StateIssuing {
+		switch {
+		case !st.NotAfter.IsZero(): // a certificate is in use
+		case st.State == StateWaitingBroker && (f.kind == kindBroker || f.kind == kindUnreachable):
+		case m.status.lost:
+			st.State = StateExpired
+		default:
 			st.State = StateFailed
-			if m.status.lost {
-				st.State = StateExpired
-			}
 		}
 	})
 }

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -476,4 +477,37 @@ func TestStatusString(t *testing.T) {
 			t.Errorf("%s:\n got %s\nwant %s", tc.s.State, got, tc.want)
 		}
 	}
+}
+
+// TestStatusStorageAtStart: storage that cannot be written, found by the
+// check at start, leaves the host failed with the storage's failure (not
+// waiting for a gate it has not reached), until the storage is fixed.
+func TestStatusStorageAtStart(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	leaks := leakCheck(t)
+	dir := filepath.Join(t.TempDir(), "store")
+	st, err := storage.Dir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fix := breakDir(t, dir)
+	log := &statusLog{}
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(30 * time.Minute))
+	r := startRig(t, f, clk, []libp2p.Option{log.option(t)}, nil, WithStorage(st))
+	r.closers = append(r.closers, func() { log.stop() })
+	clk.WaitParked(t, 30*time.Second)
+	s := lateStatus(t, r.h)
+	if s.State != StateFailed || s.LastFailure == nil || s.LastFailure.Kind != string(kindStorage) || !s.BrokerChecked.IsZero() {
+		t.Errorf("with unwritable storage: %+v, want failed on storage before the broker is asked", s)
+	}
+	t.Logf("a program reads: %s", s)
+	fix()
+	clk.SetHorizon(clk.Now().Add(retryCap))
+	log.waitState(t, 0, StateValid)
+	log.caughtUp(t, lateStatus(t, r.h))
+	if got, want := log.states(0), []State{StateWaitingBroker, StateFailed, StateWaitingBroker, StateIssuing, StateValid}; !slices.Equal(got, want) {
+		t.Errorf("states %v, want %v", got, want)
+	}
+	r.closeAndCheck(t, leaks)
 }

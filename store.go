@@ -8,11 +8,11 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"net/url"
-	"strings"
 	"time"
 
 	"github.com/caddyserver/certmagic"
+
+	"github.com/p2ptls/autotls/internal/layout"
 )
 
 // pairStore keeps the certificate and key of one name in a
@@ -33,45 +33,23 @@ type pairStore struct {
 	log       *slog.Logger
 }
 
-// pendingOrder is the pending order as kept in storage. Fields added since
-// the first release are optional, so that either release reads the other's.
-type pendingOrder struct {
-	KeyPEM string `json:"private_key_pem"`
-	Order  string `json:"order,omitempty"`     // the order's URL, once created
-	Chain  string `json:"chain_pem,omitempty"` // the issued chain, once downloaded
-}
+// The records kept in storage, and where: see [layout].
+type (
+	pendingOrder = layout.PendingOrder
+	certMeta     = layout.CertMeta
+)
 
-// certMeta is certmagic's metadata file for a certificate
-// (certmagic.CertificateResource as JSON).
-type certMeta struct {
-	SANs       []string        `json:"sans,omitempty"`
-	IssuerData json.RawMessage `json:"issuer_data,omitempty"`
-}
+// issuerKey names the CA in storage paths ([layout.IssuerKey]).
+func issuerKey(caURL string) string { return layout.IssuerKey(caURL) }
 
-// issuerKey names the CA in storage paths, as certmagic's ACME issuer
-// does: the directory URL's host and path.
-func issuerKey(caURL string) string {
-	u, err := url.Parse(caURL)
-	if err != nil {
-		return certmagic.StorageKeys.Safe(caURL)
-	}
-	return certmagic.StorageKeys.Safe(strings.ReplaceAll(u.Host+u.Path, "/", "-"))
-}
+// asideSuffix marks an unusable pair moved aside ([layout.AsideSuffix]).
+const asideSuffix = layout.AsideSuffix
 
-// asideSuffix is appended to the keys of an unusable certificate, key and
-// metadata when they are moved aside.
-const asideSuffix = ".unusable"
-
-func (p *pairStore) certKey() string { return certmagic.StorageKeys.SiteCert(p.issuerKey, p.name) }
-func (p *pairStore) keyKey() string  { return certmagic.StorageKeys.SitePrivateKey(p.issuerKey, p.name) }
-func (p *pairStore) metaKey() string { return certmagic.StorageKeys.SiteMeta(p.issuerKey, p.name) }
-func (p *pairStore) pendingKey() string {
-	return "autotls/acme/" + p.issuerKey + "/pending/" + certmagic.StorageKeys.Safe(p.name) + ".json"
-}
-
-// lockName is certmagic's lock name for issuing name, so that an earlier
-// release sharing the storage is excluded too.
-func (p *pairStore) lockName() string { return "issue_cert_" + p.name }
+func (p *pairStore) certKey() string    { return layout.CertKey(p.issuerKey, p.name) }
+func (p *pairStore) keyKey() string     { return layout.PrivateKeyKey(p.issuerKey, p.name) }
+func (p *pairStore) metaKey() string    { return layout.MetaKey(p.issuerKey, p.name) }
+func (p *pairStore) pendingKey() string { return layout.PendingKey(p.issuerKey, p.name) }
+func (p *pairStore) lockName() string   { return layout.IssueLock(p.name) }
 
 // load returns the stored pair, checked whole ([checkCert]) at now. A pair
 // torn by a crash is completed from the pending order. An expired pair is
@@ -86,7 +64,7 @@ func (p *pairStore) load(ctx context.Context, now time.Time) (*servedCert, error
 	case err == nil:
 		return p.settlePending(ctx, c, now), nil
 	case errors.As(err, &exp):
-		p.log.Info("stored certificate expired; deleting it so that a fresh one is issued", "not_after", exp.notAfter.Format(time.RFC3339))
+		p.log.Info("stored certificate expired; deleting it so that a fresh one is issued", "not_after", exp.NotAfter.Format(time.RFC3339))
 		p.delete(ctx, "")
 		return nil, fmt.Errorf("%w: %w", fs.ErrNotExist, err)
 	case errors.Is(err, fs.ErrNotExist) || errors.As(err, &bad):
@@ -208,15 +186,7 @@ func (p *pairStore) loadPending(ctx context.Context) (pendingOrder, crypto.Signe
 	if err != nil {
 		return pendingOrder{}, nil, notExistOr(err, "reading the pending order")
 	}
-	var po pendingOrder
-	if err := json.Unmarshal(raw, &po); err != nil {
-		return pendingOrder{}, nil, fmt.Errorf("decoding the pending order: %w", err)
-	}
-	key, err := certmagic.PEMDecodePrivateKey([]byte(po.KeyPEM))
-	if err != nil {
-		return pendingOrder{}, nil, fmt.Errorf("decoding the pending order's key: %w", err)
-	}
-	return po, key, nil
+	return layout.DecodePending(raw)
 }
 
 func (p *pairStore) storePending(ctx context.Context, po pendingOrder) error {

@@ -85,6 +85,9 @@ type Forge struct {
 	// CARoots trusts the TLS certificate of Pebble's HTTPS endpoint; give
 	// it to the ACME client. [Forge.CAClient] is a ready-made client.
 	CARoots *x509.CertPool
+	// CARootPEM is the certificate in CARoots, PEM encoded, for programs
+	// that take the CA's roots from a file.
+	CARootPEM []byte
 	// IssuerRoots trusts Pebble's issuing root: use it to verify issued
 	// leaves and to dial a WSS listener that serves one.
 	IssuerRoots *x509.CertPool
@@ -196,6 +199,7 @@ func Start(cfg Config) (*Forge, error) {
 	}
 	f.CAURL = f.pebble.directoryURL
 	f.CARoots = f.pebble.caRoots
+	f.CARootPEM = f.pebble.caRootPEM
 	f.IssuerRoots = f.pebble.issuerRoots
 	f.IssuerRootPEM = f.pebble.issuerRootPEM
 

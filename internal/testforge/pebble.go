@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"log"
@@ -44,6 +45,7 @@ type pebble struct {
 	va            *va.VAImpl
 	directoryURL  string
 	caRoots       *x509.CertPool
+	caRootPEM     []byte
 	issuerRoots   *x509.CertPool
 	issuerRootPEM []byte
 	log           *slog.Logger
@@ -123,6 +125,7 @@ func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.
 		va:            v,
 		directoryURL:  srv.URL + wfe.DirectoryPath,
 		caRoots:       caRoots,
+		caRootPEM:     pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leaf.Raw}),
 		issuerRoots:   issuerRoots,
 		issuerRootPEM: root.PEM(),
 		log:           logger,
