@@ -67,8 +67,10 @@ type Status struct {
 	BrokerChecked time.Time
 }
 
-// Failure is a failed attempt to obtain or renew a certificate, as the
-// manager judged it.
+// Failure is what holds a certificate back, as the manager judged it: a
+// failed attempt to obtain or renew one, a failed health check of the
+// broker, or storage failing its check at start (each an
+// [EvtIssuanceFailed]).
 type Failure struct {
 	// Kind sorts failures by what to do about them: broker,
 	// broker_unreachable (the broker could not dial the host back),
