@@ -137,7 +137,7 @@ func (m *manager) waitReachable(ctx context.Context) bool {
 func (m *manager) brokerAddrs() ([]ma.Multiaddr, error) {
 	var out []ma.Multiaddr
 	for _, a := range m.host.Addrs() {
-		if isRelay(a) || isForgeListenAddr(a, m.cfg.forgeDomain) {
+		if isRelay(a) || isForgeListenAddr(a, m.cfg.forgeDomain) || isHTTPAddr(a) {
 			continue
 		}
 		if !m.cfg.allowPrivate && (!manet.IsPublicAddr(a) || isNAT64(a)) {
@@ -234,6 +234,7 @@ func (m *manager) rewriteAddrs(in []ma.Multiaddr) []ma.Multiaddr {
 			continue
 		}
 		out = append(out, fa)
+		out = m.withHTTPAddr(out, fa)
 	}
 	return out
 }

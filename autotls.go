@@ -195,7 +195,7 @@ func (m *manager) transports(tpts []transport.Transport, u transport.Upgrader, r
 		}
 		out = append(out, t)
 	}
-	w, err := ws.New(u, rcmgr, shared, ws.WithTLSConfig(m.tlsConfig()))
+	w, err := ws.New(u, rcmgr, shared, append([]ws.Option{ws.WithTLSConfig(m.tlsConfig())}, m.httpOptions()...)...)
 	if err != nil {
 		return nil, fmt.Errorf("autotls: creating the WebSocket transport: %w", err)
 	}

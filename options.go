@@ -48,6 +48,8 @@ type config struct {
 	logger               *slog.Logger
 	httpClient           *http.Client
 	userTLS              *tls.Config // WithTLSConfig: serves the user's own names
+	httpHandler          http.Handler
+	httpServerConfig     func(*http.Server)
 
 	// For this package's tests; not public API.
 	clock     clock
@@ -242,6 +244,9 @@ func newConfig(opts []Opt) (*config, error) {
 		if err := o(c); err != nil {
 			return nil, err
 		}
+	}
+	if c.httpServerConfig != nil && c.httpHandler == nil {
+		return nil, errHTTPConfigAlone
 	}
 	if c.registrationEndpoint == "" {
 		if c.forgeDomain != DefaultForgeDomain {

@@ -1,10 +1,14 @@
-// A browser dials a go-libp2p host over Secure WebSockets and pings it.
+// A browser dials a go-libp2p host over Secure WebSockets and pings it,
+// and fetch()es a URL the host serves over HTTPS on the same port.
 //
 // URL parameters:
 //   ma=<multiaddr>   dial this address as soon as the page loads
+//   http=<url>       fetch this https:// URL as soon as the page loads
 //   report=<url>     POST the outcome there as JSON when done:
-//                    {ok, remotePeer, rtts, error}
-//   timeout=<ms>     budget for the dial and all pings (default 20000)
+//                    {ok, remotePeer, rtts, error, fetch}, fetch being
+//                    {ok, status, protocol, body, error} when http is given
+//   timeout=<ms>     budget for the dial and all pings, and for the fetch
+//                    (default 20000)
 import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
 import { identify } from '@libp2p/identify'
@@ -88,6 +92,43 @@ function describe (err) {
   return err instanceof Error ? `${err.name}: ${err.message}` : String(err)
 }
 
+// fetchURL GETs url (cross-origin: the host must send CORS headers) and
+// returns the outcome in the shape reported to ?report=. It never throws.
+async function fetchURL (url) {
+  const result = { ok: false, status: 0, protocol: '', body: '', error: '' }
+  const signal = AbortSignal.timeout(timeoutMs)
+  $('http-status').textContent = `fetching ${url}`
+  $('http-body').textContent = '–'
+  try {
+    const resp = await fetch(url, { signal, cache: 'no-store' })
+    result.status = resp.status
+    result.body = await resp.text()
+    result.ok = resp.ok
+    // The protocol the browser used (h2, http/1.1); the host must send
+    // Timing-Allow-Origin for a cross-origin entry to carry it.
+    const entry = performance.getEntriesByName(resp.url).pop()
+    result.protocol = entry?.nextHopProtocol ?? ''
+    $('http-status').textContent = `${resp.status} ${resp.statusText} over ${result.protocol || '(unknown protocol)'}`
+    $('http-status').className = resp.ok ? 'ok' : 'error'
+    $('http-body').textContent = pretty(result.body)
+  } catch (err) {
+    // A failed fetch is a bare TypeError; the console says why.
+    result.error = (signal.aborted ? `timed out after ${timeoutMs} ms: ` : '') + describe(err)
+    $('http-status').textContent = `failed: ${result.error}`
+    $('http-status').className = 'error'
+  }
+  console.log('autotls-demo fetch', JSON.stringify(result))
+  return result
+}
+
+function pretty (text) {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2)
+  } catch {
+    return text
+  }
+}
+
 async function report (url, result) {
   try {
     await fetch(url, {
@@ -112,10 +153,21 @@ $('dial-form').addEventListener('submit', (evt) => {
   dial($('ma').value)
 })
 
+$('http-form').addEventListener('submit', (evt) => {
+  evt.preventDefault()
+  fetchURL($('http').value.trim())
+})
+
 const ma = params.get('ma')
-if (ma != null) {
-  $('ma').value = ma
-  const result = await dial(ma)
+const httpURL = params.get('http')
+if (httpURL != null) $('http').value = httpURL
+if (ma != null || httpURL != null) {
+  if (ma != null) $('ma').value = ma
+  const [result, fetched] = await Promise.all([
+    ma != null ? dial(ma) : { ok: false, remotePeer: '', rtts: [], error: 'no multiaddr to dial' },
+    httpURL != null ? fetchURL(httpURL) : undefined
+  ])
+  if (fetched !== undefined) result.fetch = fetched
   const url = params.get('report')
   if (url != null) await report(url, result)
 }

@@ -106,10 +106,13 @@ func runLocal(ctx context.Context, logger *slog.Logger, port int, httpAddr strin
 		fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", port),
 		fmt.Sprintf("/ip4/127.0.0.1/udp/%d/quic-v1", port),
 	}
+	info := &infoHandler{agent: agent}
 	h, err := libp2p.New(
+		libp2p.UserAgent(agent),
 		libp2p.ListenAddrStrings(listen...),
 		libp2p.ConnectionGater(testforge.LoopbackGater()),
 		autotls.Option(
+			autotls.WithHTTPHandler(info), // HTTPS on the WSS port: see http.go
 			autotls.WithForgeDomain(f.Domain),
 			autotls.WithRegistrationEndpoint(f.BrokerURL),
 			autotls.WithCA(f.CAURL, f.CARoots),
@@ -124,6 +127,7 @@ func runLocal(ctx context.Context, logger *slog.Logger, port int, httpAddr strin
 	}
 	defer h.Close()
 	defer followStatus(h)()
+	info.set(h)
 	step("host started: %s", h.ID())
 
 	addrs, err := waitForCertificate(ctx, h)
@@ -135,9 +139,14 @@ func runLocal(ctx context.Context, logger *slog.Logger, port int, httpAddr strin
 	if err := selfCheck(ctx, f, h, addrs[0]); err != nil {
 		return fmt.Errorf("self-check: %w", err)
 	}
+	httpsURL, err := httpsCheck(ctx, h, f.IssuerRoots)
+	if err != nil {
+		return fmt.Errorf("HTTPS self-check: %w", err)
+	}
+	printHTTPAddrs(h, rootFile)
 
 	if httpAddr != "" {
-		if srv, pageURL := serveBrowserPage(httpAddr, addrs[0], h.ID()); srv != nil {
+		if srv, pageURL := serveBrowserPage(httpAddr, addrs[0], h.ID(), httpsURL); srv != nil {
 			defer srv.Close()
 			step("browser demo: %s", pageURL)
 			step("  Chromium must trust %s and map *.%s to 127.0.0.1, e.g.", rootFile, f.Domain)
@@ -279,7 +288,7 @@ func serveMetrics(addr string) (*http.Server, error) {
 func browserAddrs(h host.Host) []ma.Multiaddr {
 	var out []ma.Multiaddr
 	for _, a := range h.Addrs() {
-		if _, err := a.ValueForProtocol(ma.P_SNI); err == nil {
+		if _, err := a.ValueForProtocol(ma.P_SNI); err == nil && a[len(a)-1].Code() == ma.P_WS {
 			out = append(out, a)
 		}
 	}
@@ -338,7 +347,7 @@ func selfCheck(ctx context.Context, f *testforge.Forge, h host.Host, addr ma.Mul
 
 // serveBrowserPage serves examples/browser/dist on a loopback address, if
 // the page has been built.
-func serveBrowserPage(addr string, target ma.Multiaddr, id peer.ID) (*http.Server, string) {
+func serveBrowserPage(addr string, target ma.Multiaddr, id peer.ID, httpsURL string) (*http.Server, string) {
 	_, file, _, _ := runtime.Caller(0)
 	dist := filepath.Join(filepath.Dir(file), "..", "browser", "dist")
 	if _, err := os.Stat(filepath.Join(dist, "index.html")); err != nil {
@@ -357,7 +366,7 @@ func serveBrowserPage(addr string, target ma.Multiaddr, id peer.ID) (*http.Serve
 	}
 	srv := &http.Server{Handler: http.FileServer(http.Dir(dist)), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(l) }()
-	page := fmt.Sprintf("http://%s/?ma=%s", l.Addr(), url.QueryEscape(fmt.Sprintf("%s/p2p/%s", target, id)))
+	page := fmt.Sprintf("http://%s/?ma=%s&http=%s", l.Addr(), url.QueryEscape(fmt.Sprintf("%s/p2p/%s", target, id)), url.QueryEscape(httpsURL))
 	return srv, page
 }
 

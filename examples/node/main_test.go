@@ -48,6 +48,7 @@ func TestNodeOffline(t *testing.T) {
 		}
 	}()
 	var sawAddr, sawRoot, sawCheck bool
+	var curlLine string
 	timeout := time.After(60 * time.Second)
 wait:
 	for {
@@ -60,6 +61,9 @@ wait:
 			sawAddr = sawAddr || (strings.Contains(l, "/tls/sni/") && strings.Contains(l, "/ws/p2p/"))
 			sawRoot = sawRoot || strings.Contains(l, "local CA root")
 			sawCheck = sawCheck || strings.Contains(l, "self-check: a second host dialed")
+			if strings.Contains(l, "curl --cacert") {
+				curlLine = l
+			}
 			if strings.Contains(l, "serving; press Ctrl-C") {
 				break wait
 			}
@@ -70,6 +74,10 @@ wait:
 	if !sawAddr || !sawRoot || !sawCheck {
 		t.Fatalf("address printed %v, root path printed %v, self-check passed %v", sawAddr, sawRoot, sawCheck)
 	}
+	if curlLine == "" {
+		t.Fatal("the node printed no curl command for its HTTPS address")
+	}
+	checkHTTPS(t, curlLine)
 	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,7 @@
 // Package browsertest drives a real browser against a libp2p host: headless
 // Chromium loads the demo page of examples/browser, which dials a multiaddr
-// with js-libp2p over Secure WebSockets, pings the remote peer and reports
-// the outcome back.
+// with js-libp2p over Secure WebSockets, pings the remote peer, fetch()es a
+// URL over HTTPS if given one, and reports the outcome back.
 //
 // It runs on Linux and needs a Chromium binary, NSS's certutil (Debian:
 // chromium and libnss3-tools) and the built page; .ci/browser-setup.sh
@@ -45,13 +45,37 @@ type Result struct {
 	// reason of a failed TLS handshake when Chromium logged one (a page
 	// sees only a bare WebSocket error), e.g. "ERR_CERT_AUTHORITY_INVALID".
 	Error string `json:"error"`
+	// Fetch is the outcome of fetching [Options.FetchURL], nil without one.
+	Fetch *FetchResult `json:"fetch"`
+}
+
+// FetchResult is the outcome of the page's fetch() of [Options.FetchURL].
+type FetchResult struct {
+	// OK is true when the response arrived with a 2xx status.
+	OK bool `json:"ok"`
+	// Status is the HTTP status, 0 when no response arrived.
+	Status int `json:"status"`
+	// Protocol is the protocol the browser used, from Resource Timing
+	// ("h2", "http/1.1"); empty unless the server sends
+	// Timing-Allow-Origin for the page's origin.
+	Protocol string `json:"protocol"`
+	// Body is the response body as text.
+	Body string `json:"body"`
+	// Error says why no response arrived, with the reason of a failed TLS
+	// handshake when Chromium logged one, as for [Result.Error].
+	Error string `json:"error"`
 }
 
 // Options says what the browser dials and what it trusts.
 type Options struct {
 	// Multiaddr is the address the page dials, typically ending in
 	// /tls/sni/<name>/ws/p2p/<id> or /dns4/<name>/tcp/<port>/tls/ws/p2p/<id>.
+	// It may be empty when FetchURL is set.
 	Multiaddr string
+	// FetchURL, if set, is an https:// URL the page fetch()es at the same
+	// time (cross-origin: the server must send CORS headers), reported in
+	// [Result.Fetch].
+	FetchURL string
 	// TrustRootPEM holds the PEM certificates of the CA roots the browser
 	// trusts for TLS server authentication, on top of its built-in ones.
 	// Nil trusts nothing extra.
@@ -151,7 +175,7 @@ func Require(t testing.TB) {
 }
 
 // Dial has headless Chromium load the demo page, dial opts.Multiaddr, ping
-// the remote peer and report back. It serves the page on an ephemeral port
+// the remote peer, fetch opts.FetchURL (if set) meanwhile and report back. It serves the page on an ephemeral port
 // of 127.0.0.1, runs Chromium with a fresh profile and a temporary HOME
 // whose NSS database trusts opts.TrustRootPEM, and waits for the page's
 // report, the timeout or ctx. Chromium and all its processes are killed and
@@ -160,8 +184,8 @@ func Require(t testing.TB) {
 // A failed dial is a Result with OK false and a nil error; the error is for
 // when no report arrived, and then carries the tail of Chromium's stderr.
 func Dial(ctx context.Context, opts Options) (Result, error) {
-	if opts.Multiaddr == "" {
-		return Result{}, errors.New("browsertest: no multiaddr to dial")
+	if opts.Multiaddr == "" && opts.FetchURL == "" {
+		return Result{}, errors.New("browsertest: no multiaddr to dial and no URL to fetch")
 	}
 	if opts.Timeout <= 0 {
 		opts.Timeout = DefaultTimeout
@@ -195,9 +219,14 @@ func Dial(ctx context.Context, opts Options) (Result, error) {
 	defer page.close()
 
 	q := url.Values{
-		"ma":      {opts.Multiaddr},
 		"report":  {page.url + "/report"},
 		"timeout": {fmt.Sprint((opts.Timeout * 2 / 3).Milliseconds())},
+	}
+	if opts.Multiaddr != "" {
+		q.Set("ma", opts.Multiaddr)
+	}
+	if opts.FetchURL != "" {
+		q.Set("http", opts.FetchURL)
 	}
 	b, err := startBrowser(chromium, tmp, home, opts.HostRules, page.url+"/?"+q.Encode())
 	if err != nil {
@@ -222,10 +251,12 @@ func Dial(ctx context.Context, opts Options) (Result, error) {
 	if failed != "" {
 		return Result{}, fmt.Errorf("browsertest: %s; chromium's stderr:\n%s", failed, withoutNoise(log))
 	}
-	if !r.OK {
-		if why := tlsFailures(log); why != "" {
-			r.Error += " (" + why + ")"
-		}
+	why := tlsFailures(log)
+	if !r.OK && why != "" && opts.Multiaddr != "" {
+		r.Error += " (" + why + ")"
+	}
+	if r.Fetch != nil && !r.Fetch.OK && why != "" {
+		r.Fetch.Error += " (" + why + ")"
 	}
 	return r, nil
 }
