@@ -63,6 +63,7 @@ func (m *manager) watchReachability(sub event.Subscription) {
 			case event.EvtLocalReachabilityChanged:
 				m.reach.update(func() { m.reach.v1Public = e.Reachability == network.ReachabilityPublic })
 			}
+			m.reachabilityChanged()
 		}
 	}
 }
@@ -114,6 +115,7 @@ func (m *manager) waitReachable(ctx context.Context) bool {
 			return true
 		}
 		if !logged {
+			m.setState(StateWaitingReachability)
 			m.log.Info("waiting for a publicly reachable TCP address before requesting a certificate (AutoNAT); forward the TCP port or enable UPnP (libp2p.NATPortMap) if this lasts")
 			logged = true
 		}

@@ -67,8 +67,10 @@ import (
 //     stored certificate at once, otherwise waits for public reachability,
 //     the registration delay and broker health, obtains one, and renews it
 //     before it expires. Its state is published on the host's event bus as
-//     [EvtCertificateLoaded], [EvtCertificateExpired] and
-//     [EvtIssuanceFailed].
+//     [EvtCertificateLoaded], [EvtCertificateExpired],
+//     [EvtIssuanceFailed] and [EvtStatusChanged] ([StatusOf] reads it), and
+//     as Prometheus metrics on the host's registerer (none under
+//     libp2p.DisableMetrics).
 //
 // Mistakes are refused at libp2p.New, whatever the option order, with an
 // error that names autotls and says what to change: an invalid Opt,
@@ -168,6 +170,7 @@ func shareTCP(cm *tcpreuse.ConnMgr, u transport.Upgrader) *tcpreuse.ConnMgr {
 // opened once a certificate is loaded).
 func (m *manager) configure(cfg *libp2p.Config) {
 	cfg.AddrsFactory = m.wrapAddrsFactory(m.announceShared(cfg.AddrsFactory))
+	m.takeRegisterer(cfg)
 	var keep []ma.Multiaddr
 	for _, a := range cfg.ListenAddrs {
 		if isForgeListenAddr(a, m.cfg.forgeDomain) {

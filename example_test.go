@@ -66,3 +66,26 @@ func ExampleBrokerError() {
 	}
 	// Output: broker busy; status 429
 }
+
+// A program follows what the certificate manager is doing: the current
+// status arrives at once, then each change.
+func ExampleEvtStatusChanged() {
+	h, err := libp2p.New(autotls.Option())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer h.Close()
+
+	sub, err := h.EventBus().Subscribe(new(autotls.EvtStatusChanged))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer sub.Close()
+	for e := range sub.Out() {
+		s := e.(autotls.EvtStatusChanged).Status
+		fmt.Println(s) // e.g. "waiting_reachability: waiting for AutoNAT to confirm a publicly reachable TCP address"
+		if s.State == autotls.StateValid {
+			break
+		}
+	}
+}

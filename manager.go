@@ -18,6 +18,7 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	ma "github.com/multiformats/go-multiaddr"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // startLoadTimeout bounds the storage read at start, which the host's
@@ -73,6 +74,13 @@ type manager struct {
 	// conns are the connections of our HTTP transports, closed with the
 	// host.
 	conns conns
+
+	// status is what the manager is doing (status.go); metrics is its
+	// Prometheus collector, nil when metrics are disabled (metrics.go),
+	// and promReg the registerer it goes to.
+	status  statusBoard
+	metrics *metrics
+	promReg prometheus.Registerer
 }
 
 func newManager(c *config) *manager {
@@ -89,6 +97,9 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 	m.name = certName(m.id, m.cfg.forgeDomain)
 	m.domain = certDomain(m.id, m.cfg.forgeDomain)
 	m.log = m.log.With("peer", m.id.String())
+	if err := m.attachStatus(h.EventBus()); err != nil {
+		return err
+	}
 
 	hc := m.cfg.httpClient
 	if hc == nil {
@@ -101,7 +112,7 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 	broker, err := newBrokerClient(brokerConfig{
 		Endpoint:    m.cfg.registrationEndpoint,
 		Key:         key,
-		HTTPClient:  hc,
+		HTTPClient:  m.metrics.brokerClient(hc),
 		UserAgent:   m.cfg.userAgent,
 		AccessToken: m.cfg.accessToken,
 		Now:         m.clock.Now,
@@ -114,6 +125,7 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 	solver := &dns01Solver{broker: broker, resolver: m.cfg.resolver, addrs: m.brokerAddrs, clock: m.clock}
 	m.issuer = newIssuer(m.cfg.caURL, m.cfg.caRoots, broker.userAgent, m.cfg.email, m.cfg.profile,
 		solver, m.store, m.clock, m.conns.dial, m.log.With("component", "acme"))
+	m.issuer.ra.next = m.metrics.caTransport(m.issuer.ra.next)
 
 	bus := h.EventBus()
 	if m.emLoaded, err = bus.Emitter(new(EvtCertificateLoaded), eventbus.Stateful); err != nil {
@@ -152,6 +164,8 @@ func (m *manager) onStart(ctx context.Context) error {
 	if stored != nil {
 		m.serve(stored, FromStorage)
 	}
+	m.metrics.add(m)
+	m.initialState()
 	m.wg.Add(1)
 	go m.run(loadErr)
 	return nil
@@ -166,7 +180,7 @@ func (m *manager) onStop(context.Context) error {
 	m.wg.Wait()
 	m.broker.close()
 	m.conns.closeAll()
-	return errors.Join(m.emLoaded.Close(), m.emExpired.Close(), m.emFailed.Close())
+	return errors.Join(m.emLoaded.Close(), m.emExpired.Close(), m.emFailed.Close(), m.closeStatus())
 }
 
 // runState is the run loop's memory of failures.
@@ -206,6 +220,7 @@ func (m *manager) run(loadErr error) {
 		if st.retryAt.After(due) {
 			due, poll = st.retryAt, false
 		}
+		m.statusScheduled(nextAttempt(due, poll, &st.ari, cur))
 		if !m.waitUntil(ctx, due) {
 			return
 		}
@@ -213,11 +228,13 @@ func (m *manager) run(loadErr error) {
 			m.pollARI(ctx, &st.ari, cur.leaf)
 			continue
 		}
+		m.statusAttempt()
 		err := m.attempt(ctx, st.attempt > 0 && st.last == kindBroker)
 		if ctx.Err() != nil {
 			return
 		}
 		if err == nil {
+			m.statusSucceeded()
 			st.attempt, st.retryAt, st.lastKey, st.last = 0, time.Time{}, "", ""
 			continue
 		}
@@ -231,7 +248,7 @@ func (m *manager) run(loadErr error) {
 // for nothing.
 func (m *manager) attempt(ctx context.Context, checkBroker bool) error {
 	if checkBroker {
-		if err := m.broker.health(ctx); err != nil {
+		if err := m.brokerHealth(ctx); err != nil {
 			return err
 		}
 	}
@@ -254,6 +271,7 @@ func (m *manager) fail(ctx context.Context, st *runState, err error) time.Durati
 	renewal := m.cert.Load() != nil
 	m.log.Log(ctx, level, f.sentence, "kind", string(f.kind), "renewal", renewal, "attempt", st.attempt, "retry_in", delay.Round(time.Millisecond), "err", err)
 	_ = m.emFailed.Emit(EvtIssuanceFailed{Err: err, Attempt: st.attempt, NextRetry: now.Add(delay), Renewal: renewal})
+	m.statusFailed(f, err, st.attempt, now, now.Add(delay))
 	return delay
 }
 
@@ -264,6 +282,7 @@ func (m *manager) fail(ctx context.Context, st *runState, err error) time.Durati
 func (m *manager) waitGates(ctx context.Context, st *runState) bool {
 	if d := m.cfg.registrationDelay - m.clock.Now().Sub(m.start); d > 0 {
 		m.log.Info("waiting for the registration delay before requesting a certificate", "delay", d.Round(time.Second))
+		m.setDelayState(m.clock.Now().Add(d))
 		if sleep(ctx, m.clock, d) != nil {
 			return false
 		}
@@ -271,8 +290,9 @@ func (m *manager) waitGates(ctx context.Context, st *runState) bool {
 	if !m.cfg.allowPrivate && !m.waitReachable(ctx) {
 		return false
 	}
+	m.setState(StateWaitingBroker)
 	for {
-		err := m.broker.health(ctx)
+		err := m.brokerHealth(ctx)
 		if err == nil {
 			return true
 		}
@@ -320,6 +340,7 @@ func (m *manager) serve(c *servedCert, src CertSource) {
 	m.cert.Store(c)
 	m.log.Info("certificate loaded", "source", string(src), "name", m.name, "not_after", c.leaf.NotAfter.Format(time.RFC3339))
 	m.openListeners()
+	m.statusServed(c, src)
 	_ = m.emLoaded.Emit(EvtCertificateLoaded{
 		Names:     append([]string(nil), c.leaf.DNSNames...),
 		NotBefore: c.leaf.NotBefore,
@@ -335,5 +356,6 @@ func (m *manager) expire(c *servedCert) {
 	}
 	m.log.Warn("certificate expired without renewal; browser addresses withdrawn until a new one is issued", "not_after", c.leaf.NotAfter.Format(time.RFC3339))
 	m.closeListeners()
+	m.statusExpired()
 	_ = m.emExpired.Emit(EvtCertificateExpired{Names: append([]string(nil), c.leaf.DNSNames...), NotAfter: c.leaf.NotAfter})
 }

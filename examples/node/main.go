@@ -36,6 +36,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/p2ptls/autotls"
 	"github.com/p2ptls/autotls/internal/testforge"
@@ -55,6 +56,7 @@ func main() {
 	dataDir := flag.String("datadir", "", "directory for the identity key and certificates with -production (default: the per-user data directory)")
 	httpAddr := flag.String("http", "127.0.0.1:8080", "loopback address to serve the browser demo page on, if it is built (empty: off)")
 	verbose := flag.Bool("v", false, "log debug details")
+	metricsAddr := flag.String("metrics", "", "address to serve Prometheus metrics on, at /metrics (e.g. 127.0.0.1:9464; empty: off)")
 	flag.Parse()
 
 	level := slog.LevelInfo
@@ -65,6 +67,15 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+
+	if *metricsAddr != "" {
+		srv, err := serveMetrics(*metricsAddr)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "error:", err)
+			os.Exit(1)
+		}
+		defer srv.Close()
+	}
 
 	var err error
 	if *production {
@@ -117,6 +128,7 @@ func runLocal(ctx context.Context, logger *slog.Logger, port int, httpAddr strin
 		return err
 	}
 	defer h.Close()
+	defer followStatus(h)()
 	info.set(h)
 	step("host started: %s", h.ID())
 
@@ -171,6 +183,7 @@ func runProduction(ctx context.Context, logger *slog.Logger, port int, dataDir s
 		return err
 	}
 	defer h.Close()
+	defer followStatus(h)()
 	step("host started: %s, listening on TCP and UDP port %d", h.ID(), port)
 	defer cfg.keepPeers(ctx, h)() // AutoNAT needs peers to ask
 
@@ -219,6 +232,44 @@ func waitForCertificate(ctx context.Context, h host.Host) ([]ma.Multiaddr, error
 			}
 		}
 	}
+}
+
+// followStatus prints a line each time the certificate manager enters
+// another state, saying what it waits for, until the function it returns
+// is called.
+func followStatus(h host.Host) (stop func()) {
+	sub, err := h.EventBus().Subscribe(new(autotls.EvtStatusChanged))
+	if err != nil {
+		step("cannot follow the certificate status: %v", err)
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var last autotls.State
+		for e := range sub.Out() {
+			if s := e.(autotls.EvtStatusChanged).Status; s.State != last {
+				last = s.State
+				step("status %s", s)
+			}
+		}
+	}()
+	return func() { sub.Close(); <-done }
+}
+
+// serveMetrics serves the Prometheus metrics of the process (libp2p's
+// and autotls's, registered with the default registerer) on addr.
+func serveMetrics(addr string) (*http.Server, error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("serving metrics: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.Handler())
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(l) }()
+	step("metrics: http://%s/metrics", l.Addr())
+	return srv, nil
 }
 
 func browserAddrs(h host.Host) []ma.Multiaddr {
