@@ -627,3 +627,34 @@ func TestGateRenewal(t *testing.T) {
 	}
 	r.closeAndCheck(t, leaks)
 }
+
+// TestGateNoPeers: a host with no peer for a minute says, once, that
+// AutoNAT has no one to ask and what to do about it, and emits the state;
+// a peer connecting ends the state, and losing it again brings the state
+// back without a second warning.
+func TestGateNoPeers(t *testing.T) {
+	t.Parallel()
+	f := startForge(t, testforge.Config{})
+	leaks := leakCheck(t)
+	clk := newClockAtNow() // no horizon: the host's minute alone passes at once
+	start := clk.Now()
+	r := startGateRig(t, f, clk, nil, nil)
+	i, _ := r.reach.waitFor(t, 0, "no-peers", func(e EvtReachabilityChanged) bool { return e.Reachability == ReachabilityNoPeers })
+	if waited := clk.Now().Sub(start); waited < noPeersAfter {
+		t.Errorf("no-peers after %v, want %v", waited, noPeersAfter)
+	}
+	closePeer := connectPeer(t, f, r.h)
+	i, _ = r.reach.waitFor(t, i+1, "unknown", func(e EvtReachabilityChanged) bool { return e.Reachability == ReachabilityUnknown })
+	closePeer()
+	r.reach.waitFor(t, i+1, "no-peers again", func(e EvtReachabilityChanged) bool { return e.Reachability == ReachabilityNoPeers })
+	lines := r.linesWith("no peer connected")
+	if len(lines) != 2 || lines[0].level != slog.LevelWarn || lines[1].level != slog.LevelDebug {
+		t.Errorf("no-peers lines %+v, want a warning, then a debug line", lines)
+	}
+	for _, l := range r.logs.atLeast(slog.LevelInfo) {
+		if strings.Contains(l.msg, "reachability confirmed") || strings.Contains(l.msg, "cannot reach") {
+			t.Errorf("logged %q with no AutoNAT verdict", l.msg)
+		}
+	}
+	r.closeAndCheck(t, leaks)
+}
