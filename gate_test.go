@@ -547,7 +547,7 @@ func TestGateForcedPublic(t *testing.T) {
 // reachability does not come back, the certificate is served until it
 // lapses, and then withdrawn.
 func TestGateRenewal(t *testing.T) {
-	t.Parallel()
+	// Not parallel: the leak check sees every goroutine.
 	f := startForge(t, testforge.Config{})
 	leaks := leakCheck(t)
 	clk := newClockAtNow()
@@ -633,7 +633,7 @@ func TestGateRenewal(t *testing.T) {
 // a peer connecting ends the state, and losing it again brings the state
 // back without a second warning.
 func TestGateNoPeers(t *testing.T) {
-	t.Parallel()
+	// Not parallel: the leak check sees every goroutine.
 	f := startForge(t, testforge.Config{})
 	leaks := leakCheck(t)
 	clk := newClockAtNow() // no horizon: the host's minute alone passes at once
