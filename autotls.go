@@ -62,7 +62,9 @@ import (
 //     [WithAllowPrivateAddrs]);
 //   - AutoNAT v2 (libp2p.EnableAutoNATv2), unless [WithAllowPrivateAddrs]:
 //     it confirms each address separately, which tells an open TCP port
-//     (what browsers dial) from an open QUIC port; AutoNAT v1 cannot;
+//     (what browsers dial) from an open QUIC port; AutoNAT v1 cannot. The
+//     host then also answers other peers' AutoNAT v2 requests, within
+//     go-libp2p's rate limits (60 a minute);
 //   - a certificate manager started and stopped with the host: it serves a
 //     stored certificate at once, otherwise waits for public reachability,
 //     the registration delay and broker health, obtains one, and renews it
