@@ -658,3 +658,49 @@ func TestGateNoPeers(t *testing.T) {
 	}
 	r.closeAndCheck(t, leaks)
 }
+
+// BenchmarkNewHostGate is the cost of what the gate adds to a host: AutoNAT
+// v2 (a second, dial-only swarm) and the watcher. It builds and closes a
+// host with a stored certificate (served before libp2p.New returns), with
+// the gate (production) and without (WithAllowPrivateAddrs).
+func BenchmarkNewHostGate(b *testing.B) {
+	quietLibp2p()
+	f := startForge(b, testforge.Config{})
+	key := benchKey(b)
+	store := storage.Memory()
+	h := benchHost(b, f, key, WithStorage(store))
+	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
+	if err != nil {
+		b.Fatal(err)
+	}
+	nextCert(b, sub.Out(), time.Minute)
+	sub.Close()
+	_ = h.Close()
+	for _, gate := range []bool{false, true} {
+		name := "no gate"
+		if gate {
+			name = "gate"
+		}
+		b.Run(name, func(b *testing.B) {
+			b.ReportAllocs()
+			var m *manager
+			for range b.N {
+				opts := []Opt{WithForgeDomain(f.Domain), WithRegistrationEndpoint(f.BrokerURL), WithCA(f.CAURL, f.CARoots),
+					WithResolver(f.Resolver()), WithLogger(benchLogger), WithStorage(store), withManager(func(x *manager) { m = x })}
+				if !gate {
+					opts = append(opts, WithAllowPrivateAddrs())
+				}
+				h, err := libp2p.New(append(f.HostOptions(), libp2p.Identity(key), Option(opts...))...)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if m.cert.Load() == nil {
+					b.Fatal("the stored certificate is not served")
+				}
+				b.StopTimer()
+				_ = h.Close()
+				b.StartTimer()
+			}
+		})
+	}
+}
