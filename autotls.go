@@ -63,14 +63,30 @@ import (
 //     that announces those listeners as browser-dialable addresses while
 //     the certificate is valid (public ones only unless
 //     [WithAllowPrivateAddrs]);
+//   - AutoNAT v2 (libp2p.EnableAutoNATv2), unless [WithAllowPrivateAddrs]:
+//     it confirms each address separately, which tells an open TCP port
+//     (what browsers dial) from an open QUIC port; AutoNAT v1 cannot. The
+//     host then also answers other peers' AutoNAT v2 requests, within
+//     go-libp2p's rate limits (60 a minute);
 //   - a certificate manager started and stopped with the host: it serves a
 //     stored certificate at once, otherwise waits for public reachability,
 //     the registration delay and broker health, obtains one, and renews it
-//     before it expires. Its state is published on the host's event bus as
+//     before it expires, after the same reachability and broker checks.
+//     Its state is published on the host's event bus as
 //     [EvtCertificateLoaded], [EvtCertificateExpired],
-//     [EvtIssuanceFailed] and [EvtStatusChanged] ([StatusOf] reads it), and
-//     as Prometheus metrics on the host's registerer (none under
-//     libp2p.DisableMetrics).
+//     [EvtIssuanceFailed], [EvtReachabilityChanged] and [EvtStatusChanged]
+//     ([StatusOf] reads it), and as Prometheus metrics on the host's
+//     registerer (none under libp2p.DisableMetrics).
+//
+// Public reachability means a public TCP address confirmed by AutoNAT v2,
+// or AutoNAT v1's Public when it can only concern TCP (the host has no
+// public QUIC or other UDP address) or was forced with
+// libp2p.ForceReachabilityPublic, as long as AutoNAT v2 has not found the
+// TCP address unreachable. AutoNAT asks connected peers to dial the host:
+// connect the host to some (the network's bootstrap peers, for example),
+// or use libp2p.ForceReachabilityPublic on a server known to be public.
+// Only the confirmed plain TCP addresses are sent to the broker for its
+// dial-back.
 //
 // Mistakes are refused at libp2p.New, whatever the option order, with an
 // error that names autotls and says what to change: an invalid Opt,
@@ -100,6 +116,11 @@ func Option(opts ...Opt) libp2p.Option {
 			}
 		}
 		m := newManager(c)
+		if !c.allowPrivate {
+			// The reachability gate needs AutoNAT v2's per-address
+			// verdicts: v1's cannot tell TCP from QUIC.
+			cfg.EnableAutoNATv2 = true
+		}
 		var once sync.Once
 		cfg.UserFxOptions = append(cfg.UserFxOptions,
 			// A module's invokes run before the root's, which build the
@@ -171,6 +192,7 @@ func shareTCP(cm *tcpreuse.ConnMgr, u transport.Upgrader) *tcpreuse.ConnMgr {
 func (m *manager) configure(cfg *libp2p.Config) {
 	cfg.AddrsFactory = m.wrapAddrsFactory(m.announceShared(cfg.AddrsFactory))
 	m.takeRegisterer(cfg)
+	m.configureGate(cfg)
 	var keep []ma.Multiaddr
 	for _, a := range cfg.ListenAddrs {
 		if isForgeListenAddr(a, m.cfg.forgeDomain) {

@@ -58,8 +58,9 @@ type Status struct {
 	// renewal of a valid certificate. It is zero while the manager waits
 	// on something with no time (reachability) or an attempt is under way.
 	NextAttempt time.Time
-	// Reachability is what AutoNAT has said about the host's addresses.
-	Reachability Reachability
+	// Reachability is what AutoNAT has said about the host's TCP
+	// addresses, and the gate's conclusion.
+	Reachability ReachabilityView
 	// BrokerHealthy is the outcome of the latest health check of the
 	// broker, made at BrokerChecked (zero before the first). The broker is
 	// checked before the first certificate request and after it failed.
@@ -88,8 +89,12 @@ type Failure struct {
 	Attempt int
 }
 
-// Reachability is what AutoNAT has told the host about its TCP addresses.
-type Reachability struct {
+// ReachabilityView is what AutoNAT has told the host about its TCP
+// addresses, and what the certificate manager concluded from it.
+type ReachabilityView struct {
+	// State is the conclusion, as [EvtReachabilityChanged] says it; empty
+	// with [WithAllowPrivateAddrs], which skips the check.
+	State Reachability
 	// Reachable are the TCP addresses AutoNAT v2 confirmed reachable from
 	// the internet; Unreachable those it found unreachable.
 	Reachable, Unreachable []ma.Multiaddr
@@ -236,7 +241,7 @@ func (m *manager) updateStatus(f func(s *Status)) {
 	b := &m.status
 	b.emitMu.Lock()
 	defer b.emitMu.Unlock()
-	reach := m.reachView()
+	reach := m.statusReach()
 	b.mu.Lock()
 	prev := b.s.State
 	f(&b.s)
@@ -352,8 +357,8 @@ func (m *manager) brokerHealth(ctx context.Context) error {
 	return err
 }
 
-// reachView is what the reachability watcher holds, TCP addresses only.
-func (m *manager) reachView() Reachability {
+// statusReach is what the reachability watcher holds, TCP addresses only.
+func (m *manager) statusReach() ReachabilityView {
 	m.reach.mu.Lock()
 	defer m.reach.mu.Unlock()
 	tcp := func(in []ma.Multiaddr) []ma.Multiaddr {
@@ -365,7 +370,7 @@ func (m *manager) reachView() Reachability {
 		}
 		return out
 	}
-	return Reachability{Reachable: tcp(m.reach.reachable), Unreachable: tcp(m.reach.unreachable), Public: m.reach.v1Public}
+	return ReachabilityView{State: m.reach.state, Reachable: tcp(m.reach.reachable), Unreachable: tcp(m.reach.unreachable), Public: m.reach.v1Public}
 }
 
 // initialState is the status before the run loop's first step: the first
@@ -378,7 +383,7 @@ func (m *manager) initialState() {
 	switch {
 	case m.cfg.registrationDelay > 0:
 		m.setDelayState(m.start.Add(m.cfg.registrationDelay))
-	case !m.cfg.allowPrivate && !m.publiclyReachable():
+	case !m.cfg.allowPrivate && m.reachStatus().State != ReachabilityPublic:
 		m.setState(StateWaitingReachability)
 	default:
 		m.setState(StateWaitingBroker)

@@ -450,7 +450,7 @@ func (l *failureLog) nth(t testing.TB, n int) EvtIssuanceFailed {
 func TestStatusString(t *testing.T) {
 	at := time.Date(2026, 11, 26, 16, 0, 0, 0, time.UTC)
 	fail := &Failure{Kind: "broker", Message: "the broker is unreachable; retrying", Attempt: 2}
-	reach := Reachability{Unreachable: []ma.Multiaddr{ma.StringCast("/ip4/11.0.0.7/tcp/4001")}}
+	reach := ReachabilityView{Unreachable: []ma.Multiaddr{ma.StringCast("/ip4/11.0.0.7/tcp/4001")}}
 	for _, tc := range []struct {
 		s    Status
 		want string
