@@ -1,0 +1,375 @@
+package netsim_test
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/p2ptls/autotls/internal/netsim"
+)
+
+func TestMain(m *testing.M) {
+	if role := os.Getenv(roleEnv); role != "" {
+		os.Exit(runRole(role))
+	}
+	os.Exit(m.Run())
+}
+
+// proc is one role process of a simulation, seen from the test.
+type proc struct {
+	t      *testing.T
+	name   string
+	stdin  io.WriteCloser
+	mu     sync.Mutex
+	msgs   []msg
+	more   chan struct{} // closed and replaced on every line, and at exit
+	exited bool
+	stderr lockedBuffer
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// startRole runs this test binary as role inside ns. The process stops
+// when the test ends (its standard input is closed; killed 20 s later).
+func startRole(t *testing.T, n *netsim.Net, ns, role string, params any) *proc {
+	t.Helper()
+	raw, err := json.Marshal(params)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := n.Command(ns, exe, "-test.run=^$")
+	cmd.Env = append(cmd.Env, roleEnv+"="+role, paramsEnv+"="+string(raw))
+	p := &proc{t: t, name: role, more: make(chan struct{})}
+	cmd.Stderr = &p.stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.stdin, err = cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting %s: %v", role, err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(nil, 1<<20)
+		for sc.Scan() {
+			var m msg
+			if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+				m = msg{Ev: "garbage", Text: sc.Text()}
+			}
+			p.mu.Lock()
+			p.msgs = append(p.msgs, m)
+			close(p.more)
+			p.more = make(chan struct{})
+			p.mu.Unlock()
+		}
+		_ = cmd.Wait()
+		p.mu.Lock()
+		p.exited = true
+		close(p.more)
+		p.more = make(chan struct{})
+		p.mu.Unlock()
+	}()
+	t.Cleanup(func() {
+		_ = p.stdin.Close()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			t.Errorf("%s did not stop within 20 s of its input closing; killing it", role)
+			_ = cmd.Process.Kill()
+			<-done
+		}
+		if t.Failed() {
+			t.Logf("%s stderr:\n%s", role, p.stderr.String())
+		}
+	})
+	return p
+}
+
+// await returns the first line from index from on that matches, failing the
+// test if the process reports an error or exits, or timeout passes.
+func (p *proc) await(from int, timeout time.Duration, what string, match func(msg) bool) (msg, int) {
+	p.t.Helper()
+	deadline := time.After(timeout)
+	for i := from; ; {
+		p.mu.Lock()
+		msgs, more, exited := p.msgs, p.more, p.exited
+		p.mu.Unlock()
+		for ; i < len(msgs); i++ {
+			if msgs[i].Ev == "error" {
+				p.t.Fatalf("%s failed: %s", p.name, msgs[i].Err)
+			}
+			if match(msgs[i]) {
+				return msgs[i], i
+			}
+		}
+		if exited {
+			p.t.Fatalf("%s exited while the test waited for %s\nstderr:\n%s", p.name, what, p.stderr.String())
+		}
+		select {
+		case <-more:
+		case <-deadline:
+			p.t.Fatalf("%s: no %s within %v; its lines:\n%s", p.name, what, timeout, p.dump())
+		}
+	}
+}
+
+func (p *proc) lines() []msg {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.msgs)
+}
+
+func (p *proc) dump() string {
+	var b strings.Builder
+	for _, m := range p.lines() {
+		j, _ := json.Marshal(m)
+		b.Write(j)
+		b.WriteByte('\n')
+	}
+	return b.String()
+}
+
+func (p *proc) send(line string) {
+	p.t.Helper()
+	if _, err := io.WriteString(p.stdin, line+"\n"); err != nil {
+		p.t.Fatalf("writing to %s: %v", p.name, err)
+	}
+}
+
+func ev(name string) func(msg) bool { return func(m msg) bool { return m.Ev == name } }
+
+// topology is one case of the simulated internet.
+type topology struct {
+	name        string
+	v6          bool // the host under test has IPv6 only (else IPv4 only)
+	nat         bool // the host is behind a NAT (IPv4)
+	forward     bool // the NAT forwards the host's TCP port
+	firewallTCP bool // inbound TCP to the host is dropped; QUIC is open
+	autoNATv2   bool // the host has an AutoNAT v2 client
+	noPeers     bool // the host connects to nobody
+	wantCert    bool
+	externalIP  string // the address the certificate's WSS address must carry
+}
+
+const nServers = 5
+
+func TestSimulatedInternet(t *testing.T) {
+	cases := []topology{
+		{name: "public-ipv4", autoNATv2: true, wantCert: true, externalIP: "5.100.0.2"},
+		{name: "public-ipv6", v6: true, autoNATv2: true, wantCert: true, externalIP: "2a0f:5:100::2"},
+		{name: "nat-no-forward", nat: true, autoNATv2: true},
+		{name: "nat-tcp-forward", nat: true, forward: true, autoNATv2: true, wantCert: true, externalIP: "5.66.0.2"},
+		{name: "tcp-firewalled-quic-open", firewallTCP: true, autoNATv2: true},
+		{name: "tcp-firewalled-quic-open-v1-only", firewallTCP: true},
+		{name: "no-peers", autoNATv2: true, noPeers: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			runTopology(t, tc)
+		})
+	}
+}
+
+func runTopology(t *testing.T, tc topology) {
+	n := netsim.New(t)
+	core := n.NS("core")
+	host := n.NS("host")
+	client := n.NS("client")
+	n.Forwarding(core)
+
+	// The core: the forge and the AutoNAT servers, each at an address of
+	// its own (distinct IPv4 addresses and IPv6 /56s: distinct observers
+	// for go-libp2p's observed-address manager).
+	n.Addr(core, "lo", "5.0.0.1/32")
+	n.Addr(core, "lo", "2a0f:5::1/128")
+	var serverIPs [][]string
+	for i := 1; i <= nServers; i++ {
+		v4, v6 := fmt.Sprintf("5.%d.0.1", i), fmt.Sprintf("2a0f:5:%d::1", i)
+		n.Addr(core, "lo", v4+"/32")
+		n.Addr(core, "lo", v6+"/128")
+		serverIPs = append(serverIPs, []string{v4, v6})
+	}
+	coreIfaces := []string{"c0"}
+
+	// The host's side.
+	var listen []string
+	switch {
+	case tc.nat:
+		nat := n.NS("nat")
+		n.Forwarding(nat)
+		n.Link(core, "n0", []string{"5.66.0.1/24"}, nat, "out0", []string{"5.66.0.2/24"})
+		n.Link(nat, "in0", []string{"10.0.0.1/24"}, host, "up0", []string{"10.0.0.2/24"})
+		n.Route(nat, "5.0.0.0/8", "5.66.0.1")
+		n.Route(host, "5.0.0.0/8", "10.0.0.1")
+		rules := `table ip nat {
+	chain post { type nat hook postrouting priority srcnat; oifname "out0" masquerade; }
+	chain pre { type nat hook prerouting priority dstnat; `
+		if tc.forward {
+			rules += `iifname "out0" tcp dport 4001 dnat to 10.0.0.2:4001;`
+		}
+		rules += " }\n}\n"
+		n.Nft(nat, rules)
+		coreIfaces = append(coreIfaces, "n0")
+		listen = []string{"/ip4/10.0.0.2/tcp/4001", "/ip4/10.0.0.2/udp/4001/quic-v1"}
+	default:
+		n.Link(core, "h0", []string{"5.100.0.1/24", "2a0f:5:100::1/64"}, host, "up0", []string{"5.100.0.2/24", "2a0f:5:100::2/64"})
+		n.Route(host, "5.0.0.0/8", "5.100.0.1")
+		n.Route(host, "2a0f:5::/32", "2a0f:5:100::1")
+		coreIfaces = append(coreIfaces, "h0")
+		if tc.v6 {
+			listen = []string{"/ip6/2a0f:5:100::2/tcp/4001", "/ip6/2a0f:5:100::2/udp/4001/quic-v1"}
+		} else {
+			listen = []string{"/ip4/5.100.0.2/tcp/4001", "/ip4/5.100.0.2/udp/4001/quic-v1"}
+		}
+	}
+	if tc.firewallTCP {
+		n.Nft(host, `table inet fw {
+	chain in { type filter hook input priority filter; tcp dport 4001 ct state new drop; }
+}
+`)
+	}
+
+	// The browser's side.
+	n.Link(core, "c0", []string{"5.200.0.1/24", "2a0f:5:200::1/64"}, client, "up0", []string{"5.200.0.2/24", "2a0f:5:200::2/64"})
+	n.Route(client, "5.0.0.0/8", "5.200.0.1")
+	n.Route(client, "2a0f:5::/32", "2a0f:5:200::1")
+
+	forgeIP := "5.0.0.1"
+	if tc.v6 {
+		forgeIP = "2a0f:5::1"
+	}
+	coreProc := startRole(t, n, core, "core", coreParams{Ifaces: coreIfaces, ForgeIP: forgeIP, ServerIPs: serverIPs})
+	ready, _ := coreProc.await(0, 60*time.Second, "forge and AutoNAT servers", ev("ready"))
+	fi := *ready.Forge
+
+	// The host connects to the AutoNAT servers over TCP: go-libp2p would
+	// pick QUIC for most of them, and behind a NAT the host learns its
+	// external TCP address only from TCP connections (four observers at
+	// least). Their QUIC addresses are still probed over these connections.
+	var peers []string
+	if !tc.noPeers {
+		for _, s := range ready.Servers {
+			if strings.HasPrefix(s, "/ip6/") == tc.v6 && strings.Contains(s, "/tcp/") {
+				peers = append(peers, s)
+			}
+		}
+	}
+	hostProc := startRole(t, n, host, "host", hostParams{
+		Ifaces: []string{"up0"}, Listen: listen, Forge: fi, Peers: peers, AutoNATv2: tc.autoNATv2,
+	})
+	started, _ := hostProc.await(0, 30*time.Second, "host start", ev("started"))
+
+	if tc.wantCert {
+		cert, _ := hostProc.await(0, 90*time.Second, "certificate", ev("cert"))
+		ann, _ := hostProc.await(0, 30*time.Second, "announced WSS address", func(m msg) bool {
+			return m.Ev == "announced" && len(m.Addrs) > 0
+		})
+		var target string
+		for _, a := range ann.Addrs {
+			if strings.Contains(a, "/"+tc.externalIP+"/") {
+				target = a
+			}
+		}
+		if target == "" {
+			t.Fatalf("the host announces %v, none at the external address %s", ann.Addrs, tc.externalIP)
+		}
+		target += "/p2p/" + started.ID
+		clientProc := startRole(t, n, client, "client", clientParams{Ifaces: []string{"up0"}, Forge: fi, Target: target})
+		pinged, _ := clientProc.await(0, 60*time.Second, "ping over the announced address", ev("pinged"))
+		t.Logf("%s: %s", tc.name, pinged.Text)
+		logTimings(t, tc, hostProc, cert.MS)
+		return
+	}
+
+	// Nothing may be sent: wait for AutoNAT's verdict, then give the gate
+	// time to act on it (there is no event for "decided not to ask").
+	switch {
+	case tc.noPeers:
+		// No verdict can come: give the host as long as the others take.
+		time.Sleep(15 * time.Second)
+	case tc.autoNATv2:
+		v, _ := hostProc.await(0, 90*time.Second, "AutoNAT v2 finding the TCP address unreachable", func(m msg) bool {
+			return m.Ev == "v2" && slices.ContainsFunc(m.Unreach, func(a string) bool { return strings.Contains(a, "/tcp/") })
+		})
+		t.Logf("%s: AutoNAT v2 verdict at %.1f s: reachable %v, unreachable %v", tc.name, float64(v.MS)/1000, v.Addrs, v.Unreach)
+		time.Sleep(5 * time.Second)
+	default:
+		v, _ := hostProc.await(0, 90*time.Second, "AutoNAT v1 verdict", func(m msg) bool { return m.Ev == "v1" && m.Text != "Unknown" })
+		t.Logf("%s: AutoNAT v1 verdict at %.1f s: %s", tc.name, float64(v.MS)/1000, v.Text)
+		time.Sleep(5 * time.Second)
+	}
+	i := len(coreProc.lines())
+	coreProc.send("stats")
+	st, _ := coreProc.await(i, 10*time.Second, "forge stats", ev("stats"))
+	if s := st.Stats; s.Health+s.Challenge+s.CA > 0 {
+		t.Errorf("%s: the host contacted the forge although it is not publicly reachable over TCP: %+v\nhost lines:\n%s", tc.name, *s, hostProc.dump())
+	}
+	logTimings(t, tc, hostProc, -1)
+}
+
+// logTimings prints when AutoNAT confirmed reachability and when the
+// certificate was served, in milliseconds since the host process started.
+func logTimings(t *testing.T, tc topology, p *proc, certMS int64) {
+	v1, v2 := int64(-1), int64(-1)
+	for _, m := range p.lines() {
+		if m.Ev == "v1" && m.Text == "Public" && v1 < 0 {
+			v1 = m.MS
+		}
+		if m.Ev == "v2" && v2 < 0 {
+			for _, a := range m.Addrs {
+				if strings.Contains(a, "/tcp/") {
+					v2 = m.MS
+				}
+			}
+		}
+	}
+	f := func(ms int64) string {
+		if ms < 0 {
+			return "never"
+		}
+		return fmt.Sprintf("%.1f s", float64(ms)/1000)
+	}
+	t.Logf("timing %s: AutoNAT v2 confirmed a TCP address at %s, AutoNAT v1 public at %s, certificate served at %s (since the host process started)",
+		tc.name, f(v2), f(v1), f(certMS))
+	if testing.Verbose() {
+		for _, m := range p.lines() {
+			if m.Ev == "log" {
+				t.Logf("host log %s: %s", m.Level, m.Text)
+			}
+		}
+	}
+}
