@@ -8,6 +8,7 @@ package netsim_test
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -17,12 +18,14 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -63,6 +66,7 @@ type msg struct {
 	Forge   *forgeInfo       `json:"forge,omitempty"`
 	Servers []string         `json:"servers,omitempty"`
 	Stats   *testforge.Stats `json:"stats,omitempty"`
+	Source  string           `json:"source,omitempty"`
 }
 
 // forgeInfo is what the host and the client need to know of the forge.
@@ -84,6 +88,9 @@ type hostParams struct {
 	Forge     forgeInfo
 	Peers     []string // AutoNAT servers to connect to, /p2p included
 	AutoNATv2 bool
+	// StateDir, if set, keeps the identity key and the certificate
+	// storage across runs of the host (a restart). Empty: in memory.
+	StateDir string
 }
 
 type clientParams struct {
@@ -198,6 +205,11 @@ func runCore(o *out, p coreParams) error {
 			libp2p.AutoNATServiceRateLimit(0, 0, 0), // no throttling: one client asks often
 			libp2p.EnableAutoNATv2(),
 			libp2p.DisableRelay(),
+			// No black-hole detection: a public node has dialled plenty
+			// over UDP and IPv6 before, these have not, and AutoNAT v2
+			// refuses to dial back where the detector is unsure.
+			libp2p.UDPBlackHoleSuccessCounter(nil),
+			libp2p.IPv6BlackHoleSuccessCounter(nil),
 		)
 		if err != nil {
 			return fmt.Errorf("starting an AutoNAT server: %w", err)
@@ -286,6 +298,18 @@ func runHost(o *out, p hostParams) error {
 	if err != nil {
 		return err
 	}
+	store := storage.Memory()
+	var identity []libp2p.Option
+	if p.StateDir != "" {
+		if store, err = storage.Dir(filepath.Join(p.StateDir, "certs")); err != nil {
+			return err
+		}
+		key, err := loadOrCreateKey(filepath.Join(p.StateDir, "identity.key"))
+		if err != nil {
+			return err
+		}
+		identity = append(identity, libp2p.Identity(key))
+	}
 	opts := []libp2p.Option{
 		libp2p.ListenAddrStrings(p.Listen...),
 		libp2p.ConnectionGater(testforge.PrefixGater(simPrefixes()...)),
@@ -295,13 +319,14 @@ func runHost(o *out, p hostParams) error {
 			autotls.WithRegistrationEndpoint(p.Forge.BrokerURL),
 			autotls.WithCA(p.Forge.CAURL, caRoots),
 			autotls.WithResolver(p.Forge.resolver()),
-			autotls.WithStorage(storage.Memory()),
+			autotls.WithStorage(store),
 			autotls.WithLogger(slog.New(lineHandler{o: o})),
 		),
 	}
 	if p.AutoNATv2 {
 		opts = append(opts, libp2p.EnableAutoNATv2())
 	}
+	opts = append(opts, identity...)
 	h, err := libp2p.New(opts...)
 	if err != nil {
 		return err
@@ -311,6 +336,8 @@ func runHost(o *out, p hostParams) error {
 		new(event.EvtLocalReachabilityChanged),
 		new(event.EvtHostReachableAddrsChanged),
 		new(autotls.EvtCertificateLoaded),
+		new(autotls.EvtCertificateExpired),
+		new(autotls.EvtIssuanceFailed),
 		new(event.EvtLocalAddressesUpdated),
 	})
 	if err != nil {
@@ -353,7 +380,11 @@ func runHost(o *out, p hostParams) error {
 			case event.EvtHostReachableAddrsChanged:
 				o.send(msg{Ev: "v2", Addrs: addrStrings(e.Reachable), Unreach: addrStrings(e.Unreachable)})
 			case autotls.EvtCertificateLoaded:
-				o.send(msg{Ev: "cert", Text: fmt.Sprintf("%v until %s", e.Names, e.NotAfter.UTC().Format(time.RFC3339))})
+				o.send(msg{Ev: "cert", Source: string(e.Source), Text: fmt.Sprintf("%v until %s", e.Names, e.NotAfter.UTC().Format(time.RFC3339Nano))})
+			case autotls.EvtCertificateExpired:
+				o.send(msg{Ev: "expired", Text: e.NotAfter.UTC().Format(time.RFC3339Nano)})
+			case autotls.EvtIssuanceFailed:
+				o.send(msg{Ev: "failed", Text: fmt.Sprintf("%+v", e)})
 			case event.EvtLocalAddressesUpdated:
 				o.send(msg{Ev: "addrs", Addrs: addrStrings(h.Addrs())})
 				var wss []string
@@ -369,6 +400,25 @@ func runHost(o *out, p hostParams) error {
 			}
 		}
 	}
+}
+
+// loadOrCreateKey reads the host's identity from path, or makes one and
+// writes it there: the same PeerID across restarts.
+func loadOrCreateKey(path string) (crypto.PrivKey, error) {
+	if b, err := os.ReadFile(path); err == nil {
+		return crypto.UnmarshalPrivateKey(b)
+	} else if !os.IsNotExist(err) {
+		return nil, err
+	}
+	key, _, err := crypto.GenerateEd25519Key(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	b, err := crypto.MarshalPrivateKey(key)
+	if err != nil {
+		return nil, err
+	}
+	return key, os.WriteFile(path, b, 0o600)
 }
 
 func addrStrings(as []ma.Multiaddr) []string {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/p2ptls/autotls/internal/netsim"
+	"github.com/p2ptls/autotls/internal/testforge"
 )
 
 func TestMain(m *testing.M) {
@@ -33,6 +34,8 @@ type proc struct {
 	more   chan struct{} // closed and replaced on every line, and at exit
 	exited bool
 	stderr lockedBuffer
+	// stop closes the process's input and waits for it to exit.
+	stop func()
 }
 
 type lockedBuffer struct {
@@ -102,7 +105,7 @@ func startRole(t *testing.T, n *netsim.Net, ns, role string, params any) *proc {
 		p.more = make(chan struct{})
 		p.mu.Unlock()
 	}()
-	t.Cleanup(func() {
+	p.stop = sync.OnceFunc(func() {
 		_ = p.stdin.Close()
 		select {
 		case <-done:
@@ -115,6 +118,7 @@ func startRole(t *testing.T, n *netsim.Net, ns, role string, params any) *proc {
 			t.Logf("%s stderr:\n%s", role, p.stderr.String())
 		}
 	})
+	t.Cleanup(p.stop)
 	return p
 }
 
@@ -171,6 +175,15 @@ func (p *proc) send(line string) {
 
 func ev(name string) func(msg) bool { return func(m msg) bool { return m.Ev == name } }
 
+// firewallTCP drops new inbound TCP connections to the host's port in ns;
+// QUIC (UDP) stays open, and so do the host's outbound connections.
+func firewallTCP(n *netsim.Net, ns string) {
+	n.Nft(ns, `table inet fw {
+	chain in { type filter hook input priority filter; tcp dport 4001 ct state new drop; }
+}
+`)
+}
+
 // topology is one case of the simulated internet.
 type topology struct {
 	name        string
@@ -202,9 +215,83 @@ func TestSimulatedInternet(t *testing.T) {
 			runTopology(t, tc)
 		})
 	}
+	t.Run("reachability-lost-before-renewal", func(t *testing.T) {
+		t.Parallel()
+		runLostBeforeRenewal(t)
+	})
 }
 
-func runTopology(t *testing.T, tc topology) {
+// runLostBeforeRenewal: a public host gets a certificate; then its TCP port
+// is firewalled (QUIC stays open) and it restarts with the stored
+// certificate and identity. It must keep serving that certificate until it
+// lapses without asking the broker or the CA at renewal time; once TCP is
+// open again it gets a new one, dialled over WSS.
+//
+// The host restarts at each change because go-libp2p's AutoNAT v2 client
+// re-checks an address it is confident about only after an hour
+// (highConfidenceAddrProbeInterval), and v1 after 15 minutes: a running host
+// would not notice the change within a test. A restart starts AutoNAT
+// afresh while the certificate comes from storage, as it would for a node
+// restarted after its firewall changed.
+func runLostBeforeRenewal(t *testing.T) {
+	tc := topology{name: "reachability-lost-before-renewal", autoNATv2: true, externalIP: "5.100.0.2"}
+	const validity = 60 * time.Second // renewal due at about 30-40 s
+	s := buildSim(t, tc, validity)
+	state := t.TempDir()
+
+	a, id := s.startHost(t, tc, state)
+	first, _ := a.await(0, 90*time.Second, "certificate", ev("cert"))
+	s.dial(t, a, 0, id, tc.externalIP)
+	a.stop()
+	t.Logf("%s: first certificate at %.1f s: %s", tc.name, float64(first.MS)/1000, first.Text)
+
+	firewallTCP(s.n, s.host)
+	before := s.stats(t)
+	b, _ := s.startHost(t, tc, state)
+	loaded, _ := b.await(0, 30*time.Second, "the stored certificate", ev("cert"))
+	if loaded.Source != "storage" || loaded.Text != first.Text {
+		t.Fatalf("after the restart the host loaded %q from %s, want %q from storage", loaded.Text, loaded.Source, first.Text)
+	}
+	b.await(0, 90*time.Second, "AutoNAT v2 finding the TCP address unreachable", func(m msg) bool {
+		return m.Ev == "v2" && slices.ContainsFunc(m.Unreach, func(a string) bool { return strings.Contains(a, "/tcp/") })
+	})
+	expired, i := b.await(0, validity+30*time.Second, "the certificate lapsing", func(m msg) bool {
+		return m.Ev == "expired" || (m.Ev == "cert" && m.Source != "storage")
+	})
+	switch {
+	case expired.Ev != "expired":
+		t.Errorf("%s: the host replaced its certificate while TCP was firewalled: %+v", tc.name, expired)
+	case !strings.Contains(first.Text, expired.Text):
+		t.Errorf("%s: the certificate lapsed at %s, want the first one's NotAfter (%s)", tc.name, expired.Text, first.Text)
+	default:
+		t.Logf("%s: certificate kept until it lapsed, %.1f s after the restart", tc.name, float64(b.lines()[i].MS)/1000)
+	}
+	if after := s.stats(t); after.Health != before.Health || after.Challenge != before.Challenge || after.CA != before.CA {
+		t.Errorf("%s: the host contacted the forge while its TCP port was firewalled: before %+v, after %+v\nhost lines:\n%s", tc.name, before, after, b.dump())
+	}
+	b.stop()
+
+	s.n.Nft(s.host, "delete table inet fw\n")
+	c, _ := s.startHost(t, tc, state)
+	renewed, _ := c.await(0, 90*time.Second, "a new certificate", func(m msg) bool { return m.Ev == "cert" && m.Source != "storage" })
+	s.dial(t, c, 0, id, tc.externalIP)
+	logTimings(t, tc, c, renewed.MS)
+}
+
+// sim is one running simulation: its namespaces and its core process.
+type sim struct {
+	n                  *netsim.Net
+	core, host, client string
+	coreProc           *proc
+	forge              forgeInfo
+	peers, listen      []string
+	hostIfaces         []string
+}
+
+// buildSim creates the namespaces of tc and starts the core: the forge
+// (issuing certificates valid for certValidity, 0 for Pebble's default)
+// and the AutoNAT servers.
+func buildSim(t *testing.T, tc topology, certValidity time.Duration) *sim {
 	n := netsim.New(t)
 	core := n.NS("core")
 	host := n.NS("host")
@@ -257,10 +344,7 @@ func runTopology(t *testing.T, tc topology) {
 		}
 	}
 	if tc.firewallTCP {
-		n.Nft(host, `table inet fw {
-	chain in { type filter hook input priority filter; tcp dport 4001 ct state new drop; }
-}
-`)
+		firewallTCP(n, host)
 	}
 
 	// The browser's side.
@@ -272,7 +356,7 @@ func runTopology(t *testing.T, tc topology) {
 	if tc.v6 {
 		forgeIP = "2a0f:5::1"
 	}
-	coreProc := startRole(t, n, core, "core", coreParams{Ifaces: coreIfaces, ForgeIP: forgeIP, ServerIPs: serverIPs})
+	coreProc := startRole(t, n, core, "core", coreParams{Ifaces: coreIfaces, ForgeIP: forgeIP, ServerIPs: serverIPs, CertValidity: certValidity})
 	ready, _ := coreProc.await(0, 60*time.Second, "forge and AutoNAT servers", ev("ready"))
 	fi := *ready.Forge
 
@@ -288,29 +372,68 @@ func runTopology(t *testing.T, tc topology) {
 			}
 		}
 	}
-	hostProc := startRole(t, n, host, "host", hostParams{
-		Ifaces: []string{"up0"}, Listen: listen, Forge: fi, Peers: peers, AutoNATv2: tc.autoNATv2,
+	return &sim{n: n, core: core, host: host, client: client, coreProc: coreProc, forge: fi, peers: peers, listen: listen, hostIfaces: []string{"up0"}}
+}
+
+// startHost starts the host under test; stateDir as in hostParams.
+func (s *sim) startHost(t *testing.T, tc topology, stateDir string) (*proc, string) {
+	t.Helper()
+	p := startRole(t, s.n, s.host, "host", hostParams{
+		Ifaces: s.hostIfaces, Listen: s.listen, Forge: s.forge, Peers: s.peers, AutoNATv2: tc.autoNATv2, StateDir: stateDir,
 	})
-	started, _ := hostProc.await(0, 30*time.Second, "host start", ev("started"))
+	started, _ := p.await(0, 30*time.Second, "host start", ev("started"))
+	return p, started.ID
+}
+
+// stats returns the forge's counters.
+func (s *sim) stats(t *testing.T) testforge.Stats {
+	t.Helper()
+	i := len(s.coreProc.lines())
+	s.coreProc.send("stats")
+	st, _ := s.coreProc.await(i, 10*time.Second, "forge stats", ev("stats"))
+	return *st.Stats
+}
+
+// dial has the browser's side dial the host's announced WSS address at
+// externalIP and ping it.
+func (s *sim) dial(t *testing.T, hostProc *proc, from int, id, externalIP string) msg {
+	t.Helper()
+	ann, _ := hostProc.await(from, 30*time.Second, "announced WSS address", func(m msg) bool {
+		return m.Ev == "announced" && len(m.Addrs) > 0
+	})
+	var target string
+	for _, a := range ann.Addrs {
+		if strings.Contains(a, "/"+externalIP+"/") {
+			target = a
+		}
+	}
+	if target == "" {
+		t.Fatalf("the host announces %v, none at the external address %s", ann.Addrs, externalIP)
+	}
+	target += "/p2p/" + id
+	clientProc := startRole(t, s.n, s.client, "client", clientParams{Ifaces: []string{"up0"}, Forge: s.forge, Target: target})
+	pinged, _ := clientProc.await(0, 60*time.Second, "ping over the announced address", ev("pinged"))
+	clientProc.stop()
+	return pinged
+}
+
+func runTopology(t *testing.T, tc topology) {
+	s := buildSim(t, tc, 0)
+	hostProc, id := s.startHost(t, tc, "")
 
 	if tc.wantCert {
 		cert, _ := hostProc.await(0, 90*time.Second, "certificate", ev("cert"))
-		ann, _ := hostProc.await(0, 30*time.Second, "announced WSS address", func(m msg) bool {
-			return m.Ev == "announced" && len(m.Addrs) > 0
-		})
-		var target string
-		for _, a := range ann.Addrs {
-			if strings.Contains(a, "/"+tc.externalIP+"/") {
-				target = a
-			}
-		}
-		if target == "" {
-			t.Fatalf("the host announces %v, none at the external address %s", ann.Addrs, tc.externalIP)
-		}
-		target += "/p2p/" + started.ID
-		clientProc := startRole(t, n, client, "client", clientParams{Ifaces: []string{"up0"}, Forge: fi, Target: target})
-		pinged, _ := clientProc.await(0, 60*time.Second, "ping over the announced address", ev("pinged"))
+		pinged := s.dial(t, hostProc, 0, id, tc.externalIP)
 		t.Logf("%s: %s", tc.name, pinged.Text)
+		if tc.autoNATv2 {
+			// AutoNAT v2 must confirm the external TCP address too (the
+			// gate may have passed on v1's word first).
+			hostProc.await(0, 15*time.Second, "AutoNAT v2 confirming the TCP address", func(m msg) bool {
+				return m.Ev == "v2" && slices.ContainsFunc(m.Addrs, func(a string) bool {
+					return strings.Contains(a, "/"+tc.externalIP+"/tcp/")
+				})
+			})
+		}
 		logTimings(t, tc, hostProc, cert.MS)
 		return
 	}
@@ -332,11 +455,8 @@ func runTopology(t *testing.T, tc topology) {
 		t.Logf("%s: AutoNAT v1 verdict at %.1f s: %s", tc.name, float64(v.MS)/1000, v.Text)
 		time.Sleep(5 * time.Second)
 	}
-	i := len(coreProc.lines())
-	coreProc.send("stats")
-	st, _ := coreProc.await(i, 10*time.Second, "forge stats", ev("stats"))
-	if s := st.Stats; s.Health+s.Challenge+s.CA > 0 {
-		t.Errorf("%s: the host contacted the forge although it is not publicly reachable over TCP: %+v\nhost lines:\n%s", tc.name, *s, hostProc.dump())
+	if st := s.stats(t); st.Health+st.Challenge+st.CA > 0 {
+		t.Errorf("%s: the host contacted the forge although it is not publicly reachable over TCP: %+v\nhost lines:\n%s", tc.name, st, hostProc.dump())
 	}
 	logTimings(t, tc, hostProc, -1)
 }
@@ -367,8 +487,12 @@ func logTimings(t *testing.T, tc topology, p *proc, certMS int64) {
 		tc.name, f(v2), f(v1), f(certMS))
 	if testing.Verbose() {
 		for _, m := range p.lines() {
-			if m.Ev == "log" {
+			switch m.Ev {
+			case "log":
 				t.Logf("host log %s: %s", m.Level, m.Text)
+			case "v1", "v2", "cert", "expired", "failed", "announced":
+				j, _ := json.Marshal(m)
+				t.Logf("host event: %s", j)
 			}
 		}
 	}
