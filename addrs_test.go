@@ -7,14 +7,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
-	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
-
-	"github.com/p2ptls/autotls/internal/testforge"
-	"github.com/p2ptls/autotls/storage"
 )
 
 // TestRewriteAddrs covers the address factory's rules: forge listen
@@ -83,57 +78,5 @@ func TestRewriteAddrs(t *testing.T) {
 				t.Fatalf("got\n  %s\nwant\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
 			}
 		})
-	}
-}
-
-// TestReachabilityGate: without WithAllowPrivateAddrs, a host that AutoNAT
-// has not found reachable sends nothing to the broker; once AutoNAT v2
-// reports a public TCP address, the manager proceeds to the broker.
-// AutoNAT itself cannot run here (it needs public peers), so the test emits
-// its event on the host's bus, as AutoNAT would.
-func TestReachabilityGate(t *testing.T) {
-	t.Parallel()
-	f := startForge(t, testforge.Config{})
-	// An hour of waiting for reachability, on the fake clock: the gate
-	// re-checks on a backoff, and parks at the horizon.
-	clk := newClockAtNow()
-	clk.SetHorizon(clk.Now().Add(time.Hour))
-	fails := &failureLog{}
-	h, err := libp2p.New(append(f.HostOptions(), fails.option(t), Option(
-		WithForgeDomain(f.Domain),
-		WithRegistrationEndpoint(f.BrokerURL),
-		WithCA(f.CAURL, f.CARoots),
-		WithResolver(f.Resolver()),
-		WithStorage(storage.Memory()),
-		withClock(clk),
-	))...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-
-	clk.WaitParked(t, 30*time.Second)
-	if s := f.Stats(); s.Health != 0 || s.Challenge != 0 {
-		t.Fatalf("broker contacted before the host was reachable: %+v", s)
-	}
-	if n := len(clk.Waits()); n < 3 {
-		t.Fatalf("%d re-checks in an hour of waiting, want several", n)
-	}
-
-	em, err := h.EventBus().Emitter(new(event.EvtHostReachableAddrsChanged))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer em.Close()
-	if err := em.Emit(event.EvtHostReachableAddrsChanged{Reachable: []ma.Multiaddr{ma.StringCast("/ip4/1.2.3.4/tcp/4001")}}); err != nil {
-		t.Fatal(err)
-	}
-	// The gate opens: the health check passes, and the registration fails
-	// cleanly because this loopback host has no public address to offer.
-	if ev := fails.last(t); !strings.Contains(ev.Err.Error(), "no public address") {
-		t.Fatalf("failure %v, want the missing public address named", ev.Err)
-	}
-	if s := f.Stats(); s.Health != 1 || s.Challenge != 0 {
-		t.Fatalf("after the gate: %+v; want one health check and no registration", s)
 	}
 }

@@ -81,6 +81,11 @@ func Option(opts ...Opt) libp2p.Option {
 		}
 		m := newManager(c)
 		cfg.ShareTCPListener = true
+		if !c.allowPrivate {
+			// The reachability gate needs AutoNAT v2's per-address
+			// verdicts: v1's cannot tell TCP from QUIC.
+			cfg.EnableAutoNATv2 = true
+		}
 		var once sync.Once
 		cfg.UserFxOptions = append(cfg.UserFxOptions,
 			// Runs while the host is being built, after every libp2p option
@@ -110,6 +115,7 @@ func Option(opts ...Opt) libp2p.Option {
 // opened once a certificate is loaded).
 func (m *manager) configure(cfg *libp2p.Config) {
 	cfg.AddrsFactory = m.wrapAddrsFactory(cfg.AddrsFactory)
+	m.configureGate(cfg)
 	var keep []ma.Multiaddr
 	for _, a := range cfg.ListenAddrs {
 		if isForgeListenAddr(a, m.cfg.forgeDomain) {

@@ -1,6 +1,10 @@
 package autotls
 
-import "time"
+import (
+	"time"
+
+	ma "github.com/multiformats/go-multiaddr"
+)
 
 // CertSource says where a loaded certificate came from.
 type CertSource string
@@ -47,4 +51,39 @@ type EvtIssuanceFailed struct {
 	NextRetry time.Time
 	// Renewal is true when a valid certificate is still being served.
 	Renewal bool
+}
+
+// Reachability is what the certificate manager has concluded about the
+// host's reachability from the internet over TCP, the transport a browser
+// dials. A certificate is only requested, first or renewed, while it is
+// [ReachabilityPublic] (unless [WithAllowPrivateAddrs]).
+type Reachability string
+
+const (
+	// ReachabilityUnknown: AutoNAT has not confirmed a public TCP address
+	// yet, nor found one unreachable.
+	ReachabilityUnknown Reachability = "unknown"
+	// ReachabilityPublic: a public TCP address is confirmed reachable, by
+	// AutoNAT v2 for that address, or by AutoNAT v1 for the host when its
+	// verdict can only concern TCP (or libp2p.ForceReachabilityPublic).
+	ReachabilityPublic Reachability = "public"
+	// ReachabilityUnreachable: AutoNAT v2 dialled the host's public TCP
+	// addresses and could not connect: the port is not forwarded, or a
+	// firewall drops it.
+	ReachabilityUnreachable Reachability = "unreachable"
+	// ReachabilityNoPeers: no peer has been connected for a while, and
+	// AutoNAT has no one to ask.
+	ReachabilityNoPeers Reachability = "no-peers"
+)
+
+// EvtReachabilityChanged is emitted when the host's [Reachability], or the
+// TCP addresses it concerns, change. It is stateful: a late subscriber
+// receives the current one. It is not emitted with [WithAllowPrivateAddrs],
+// which skips the reachability check.
+type EvtReachabilityChanged struct {
+	Reachability Reachability
+	// Addrs are the TCP addresses confirmed reachable (the ones sent to the
+	// broker for its dial-back) with [ReachabilityPublic], or found
+	// unreachable with [ReachabilityUnreachable]; nil otherwise.
+	Addrs []ma.Multiaddr
 }

@@ -45,6 +45,7 @@ type manager struct {
 	store  *pairStore
 
 	emLoaded, emExpired, emFailed event.Emitter
+	emReach                       event.Emitter // EvtReachabilityChanged
 
 	// userWSS are forge listen addresses the user listed; nil means one per
 	// TCP listener.
@@ -105,7 +106,7 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 	}
 	m.broker = broker
 	m.store = &pairStore{s: m.cfg.storage, issuerKey: issuerKey(m.cfg.caURL), name: m.name, log: m.log}
-	solver := &dns01Solver{broker: broker, resolver: m.cfg.resolver, addrs: m.brokerAddrs, clock: m.clock}
+	solver := &dns01Solver{broker: broker, resolver: m.cfg.resolver, addrs: m.brokerRequestAddrs, clock: m.clock}
 	m.issuer = newIssuer(m.cfg.caURL, m.cfg.caRoots, broker.userAgent, m.cfg.email, m.cfg.profile,
 		solver, m.store, m.clock, m.conns.dial, m.log.With("component", "acme"))
 
@@ -119,6 +120,9 @@ func (m *manager) attach(h host.Host, sw *swarm.Swarm, key crypto.PrivKey) error
 	if m.emFailed, err = bus.Emitter(new(EvtIssuanceFailed)); err != nil {
 		return fmt.Errorf("creating the failure event emitter: %w", err)
 	}
+	if m.emReach, err = bus.Emitter(new(EvtReachabilityChanged), eventbus.Stateful); err != nil {
+		return fmt.Errorf("creating the reachability event emitter: %w", err)
+	}
 	return nil
 }
 
@@ -130,12 +134,9 @@ func (m *manager) onStart(ctx context.Context) error {
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	m.planListeners()
 
-	sub, err := m.host.EventBus().Subscribe([]any{new(event.EvtHostReachableAddrsChanged), new(event.EvtLocalReachabilityChanged)})
-	if err != nil {
-		return fmt.Errorf("autotls: subscribing to reachability events: %w", err)
+	if err := m.startGate(); err != nil {
+		return err
 	}
-	m.wg.Add(1)
-	go m.watchReachability(sub)
 
 	loadCtx, cancel := context.WithTimeout(ctx, startLoadTimeout)
 	stored, loadErr := m.store.load(loadCtx, m.clock.Now())
@@ -157,7 +158,7 @@ func (m *manager) onStop(context.Context) error {
 	m.wg.Wait()
 	m.broker.close()
 	m.conns.closeAll()
-	return errors.Join(m.emLoaded.Close(), m.emExpired.Close(), m.emFailed.Close())
+	return errors.Join(m.emLoaded.Close(), m.emExpired.Close(), m.emFailed.Close(), m.emReach.Close())
 }
 
 // runState is the run loop's memory of failures.
@@ -201,7 +202,12 @@ func (m *manager) run(loadErr error) {
 			m.pollARI(ctx, &st.ari, cur.leaf)
 			continue
 		}
-		err := m.attempt(ctx, st.attempt > 0 && st.last == kindBroker)
+		// Every attempt passes the reachability gate, a renewal as the
+		// first issuance; a renewal checks the broker's health too.
+		if !m.waitReachable(ctx) {
+			return
+		}
+		err := m.attempt(ctx, cur != nil || st.attempt > 0 && st.last == kindBroker)
 		if ctx.Err() != nil {
 			return
 		}
@@ -256,7 +262,7 @@ func (m *manager) waitGates(ctx context.Context, st *runState) bool {
 			return false
 		}
 	}
-	if !m.cfg.allowPrivate && !m.waitReachable(ctx) {
+	if !m.waitReachable(ctx) {
 		return false
 	}
 	for {

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/certmagic"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 	"github.com/p2ptls/autotls/storage"
 )
 
@@ -51,6 +53,17 @@ type config struct {
 	clock     clock
 	profile   string
 	onManager func(*manager)
+	// isPublic, if set, replaces manet.IsPublicAddr: loopback tests of the
+	// reachability gate treat 127.0.0.1 as public.
+	isPublic func(ma.Multiaddr) bool
+}
+
+// public reports whether a is a public address, one the internet can reach.
+func (c *config) public(a ma.Multiaddr) bool {
+	if c.isPublic != nil {
+		return c.isPublic(a)
+	}
+	return manet.IsPublicAddr(a)
 }
 
 // WithForgeDomain sets the forge domain under which the certificate is
@@ -115,8 +128,10 @@ func WithStorage(s certmagic.Storage) Opt {
 // WithAllowPrivateAddrs skips the public-reachability gate and lets private
 // and loopback addresses be sent to the broker and announced. It is for
 // tests and LANs: a public broker cannot dial private addresses back.
-// Without it, certificates are only requested once the host is publicly
-// reachable over TCP, and only public addresses are used.
+// Without it, certificates are only requested (and renewed) once AutoNAT
+// confirms a public TCP address, only public TCP addresses are sent to the
+// broker, and only public addresses are announced; [Option] turns on
+// AutoNAT v2 for that.
 func WithAllowPrivateAddrs() Opt {
 	return func(c *config) error {
 		c.allowPrivate = true

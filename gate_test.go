@@ -1,0 +1,462 @@
+package autotls
+
+// Tests of the reachability gate on loopback, without
+// WithAllowPrivateAddrs. On loopback AutoNAT cannot confirm anything (its
+// servers must be public peers, and it only probes public addresses), so
+// these tests emit go-libp2p's own AutoNAT events on the host's bus, as
+// AutoNAT would, and treat loopback addresses as public (withLoopbackPublic).
+// The real AutoNAT v1 and v2, with real servers, a NAT and a firewall, run
+// in the network-namespace tests of the simulated internet.
+
+import (
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/event"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
+	"go.uber.org/fx"
+
+	"github.com/p2ptls/autotls/internal/testforge"
+	"github.com/p2ptls/autotls/storage"
+)
+
+// withLoopbackPublic makes the gate, the broker's addresses and the address
+// factory take loopback addresses for public ones.
+func withLoopbackPublic() Opt {
+	return func(c *config) error {
+		c.isPublic = func(a ma.Multiaddr) bool { return manet.IsIPLoopback(a) || manet.IsPublicAddr(a) }
+		return nil
+	}
+}
+
+// gateRig is a loopback host in production configuration (no
+// WithAllowPrivateAddrs) on the fake clock, with what the gate tests look
+// at.
+type gateRig struct {
+	*faultRig
+	reach *eventLog[EvtReachabilityChanged]
+	certs *eventLog[EvtCertificateLoaded]
+}
+
+// startGateRig starts a host against f, confined to loopback by
+// host (nil: f.HostOptions(): TCP and QUIC), with libp2pOpts and opts
+// added.
+func startGateRig(t *testing.T, f *testforge.Forge, clk *fakeClock, host []libp2p.Option, libp2pOpts []libp2p.Option, opts ...Opt) *gateRig {
+	t.Helper()
+	r := &gateRig{
+		faultRig: &faultRig{f: f, clk: clk, logs: &logCapture{}, fails: &failureLog{}},
+		reach:    &eventLog[EvtReachabilityChanged]{},
+		certs:    &eventLog[EvtCertificateLoaded]{},
+	}
+	if host == nil {
+		host = f.HostOptions()
+	}
+	all := append(slices.Clone(host), libp2pOpts...)
+	all = append(all, r.fails.option(t), r.reach.option(t), r.certs.option(t), Option(append([]Opt{
+		WithForgeDomain(f.Domain),
+		WithRegistrationEndpoint(f.BrokerURL),
+		WithCA(f.CAURL, f.CARoots),
+		WithResolver(f.Resolver()),
+		WithStorage(storage.Memory()),
+		WithLogger(r.logs.logger()),
+		withClock(clk),
+		withLoopbackPublic(),
+		withManager(func(m *manager) { r.m = m }),
+	}, opts...)...))
+	h, err := libp2p.New(all...)
+	if err != nil {
+		t.Fatalf("libp2p.New: %v", err)
+	}
+	r.h = h
+	r.closers = append(r.closers, r.fails.stop, r.reach.stop, r.certs.stop)
+	t.Cleanup(func() { _ = h.Close() })
+	return r
+}
+
+// tcpOnly are f.HostOptions() with a loopback TCP listener only, no QUIC.
+func tcpOnly(f *testforge.Forge) []libp2p.Option {
+	opts := f.HostOptions()
+	// The first of them is the listen addresses; the gater and the
+	// forge's DNS stay.
+	return append([]libp2p.Option{libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0")}, opts[1:]...)
+}
+
+// eventLog records every event of type T on a host's bus from its start.
+type eventLog[T any] struct {
+	mu   sync.Mutex
+	evs  []T
+	more chan struct{}
+	stop func()
+}
+
+func (l *eventLog[T]) option(t testing.TB) libp2p.Option {
+	l.more = make(chan struct{})
+	l.stop = func() {}
+	return libp2p.WithFxOption(fx.Invoke(func(h host.Host) error {
+		sub, err := h.EventBus().Subscribe(new(T), eventbus.BufSize(256))
+		if err != nil {
+			return err
+		}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for e := range sub.Out() {
+				l.mu.Lock()
+				l.evs = append(l.evs, e.(T))
+				close(l.more)
+				l.more = make(chan struct{})
+				l.mu.Unlock()
+			}
+		}()
+		var once sync.Once
+		l.stop = func() { once.Do(func() { sub.Close(); <-done }) }
+		t.Cleanup(l.stop)
+		return nil
+	}))
+}
+
+func (l *eventLog[T]) all() []T {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.evs)
+}
+
+// waitFor waits until an event from index from on satisfies ok, and
+// returns its index and the event.
+func (l *eventLog[T]) waitFor(t testing.TB, from int, what string, ok func(T) bool) (int, T) {
+	t.Helper()
+	timeout := time.After(30 * time.Second)
+	for {
+		l.mu.Lock()
+		evs, more := slices.Clone(l.evs), l.more
+		l.mu.Unlock()
+		for i := from; i < len(evs); i++ {
+			if ok(evs[i]) {
+				return i, evs[i]
+			}
+		}
+		select {
+		case <-more:
+		case <-timeout:
+			var zero T
+			t.Fatalf("no %s within 30 s; events so far: %+v", what, evs)
+			return 0, zero
+		}
+	}
+}
+
+// wait is waitFor from 0 without failing: it reports whether an event
+// satisfied ok within d.
+func (l *eventLog[T]) wait(d time.Duration, ok func(T) bool) (T, bool) {
+	timeout := time.After(d)
+	for {
+		l.mu.Lock()
+		evs, more := slices.Clone(l.evs), l.more
+		l.mu.Unlock()
+		for _, e := range evs {
+			if ok(e) {
+				return e, true
+			}
+		}
+		select {
+		case <-more:
+		case <-timeout:
+			var zero T
+			return zero, false
+		}
+	}
+}
+
+// waitReach waits for an EvtReachabilityChanged with state st.
+func (r *gateRig) waitReach(t testing.TB, st Reachability) EvtReachabilityChanged {
+	t.Helper()
+	_, e := r.reach.waitFor(t, 0, "reachability "+string(st), func(e EvtReachabilityChanged) bool { return e.Reachability == st })
+	return e
+}
+
+// waitLog waits until a line containing s has been logged, and returns it.
+func (r *gateRig) waitLog(t testing.TB, s string) logLine {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		for _, l := range r.logs.all() {
+			if strings.Contains(l.msg, s) {
+				return l
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing logged containing %q; log:\n%s", s, r.logs)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// linesWith returns the lines whose message contains s.
+func (r *gateRig) linesWith(s string) []logLine {
+	var out []logLine
+	for _, l := range r.logs.all() {
+		if strings.Contains(l.msg, s) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// listenAddr returns the host's listen address whose string contains proto
+// and no /ws.
+func listenAddr(t testing.TB, h host.Host, proto string) ma.Multiaddr {
+	t.Helper()
+	for _, a := range h.Network().ListenAddresses() {
+		s := a.String()
+		if strings.Contains(s, proto) && !strings.Contains(s, "/ws") {
+			return a
+		}
+	}
+	t.Fatalf("no %s listen address in %v", proto, h.Network().ListenAddresses())
+	return nil
+}
+
+// autoNAT emits AutoNAT's events on a host's bus, as go-libp2p's AutoNAT
+// v1 (EvtLocalReachabilityChanged) and v2 (through the host's address
+// manager, EvtHostReachableAddrsChanged) do.
+type autoNAT struct {
+	v1, v2 event.Emitter
+}
+
+func newAutoNAT(t testing.TB, h host.Host) *autoNAT {
+	t.Helper()
+	v1, err := h.EventBus().Emitter(new(event.EvtLocalReachabilityChanged), eventbus.Stateful)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v2, err := h.EventBus().Emitter(new(event.EvtHostReachableAddrsChanged), eventbus.Stateful)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = v1.Close(); _ = v2.Close() })
+	return &autoNAT{v1, v2}
+}
+
+func (a *autoNAT) v1Public(t testing.TB) {
+	t.Helper()
+	if err := a.v1.Emit(event.EvtLocalReachabilityChanged{Reachability: network.ReachabilityPublic}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (a *autoNAT) v2Says(t testing.TB, reachable, unreachable []ma.Multiaddr) {
+	t.Helper()
+	if err := a.v2.Emit(event.EvtHostReachableAddrsChanged{Reachable: reachable, Unreachable: unreachable}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// connectPeer connects a fresh loopback host to h, and returns the
+// function that closes it.
+func connectPeer(t *testing.T, f *testforge.Forge, h host.Host) func() {
+	t.Helper()
+	d, err := libp2p.New(f.DialerOptions()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closeIt := func() { _ = d.Close() }
+	t.Cleanup(closeIt)
+	if err := d.Connect(t.Context(), peer.AddrInfo{ID: h.ID(), Addrs: h.Addrs()}); err != nil {
+		t.Fatalf("connecting a peer: %v", err)
+	}
+	return closeIt
+}
+
+// brokerWatch records, per peer, the addresses the forge's broker was asked
+// to dial back, and counts the broker requests made before the test opened
+// the gate.
+type brokerWatch struct {
+	open  atomic.Bool
+	early atomic.Int64
+	mu    sync.Mutex
+	dials map[peer.ID][][]string
+}
+
+func watchBroker(t *testing.T, f *testforge.Forge) *brokerWatch {
+	w := &brokerWatch{dials: map[peer.ID][][]string{}}
+	f.SetBrokerFault(func(http.ResponseWriter, *http.Request) bool {
+		if !w.open.Load() {
+			w.early.Add(1)
+		}
+		return false
+	})
+	f.SetDialBackFault(func(id peer.ID, addrs []string) error {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		w.dials[id] = append(w.dials[id], slices.Clone(addrs))
+		return nil
+	})
+	t.Cleanup(func() { f.SetBrokerFault(nil); f.SetDialBackFault(nil) })
+	return w
+}
+
+func (w *brokerWatch) dialsOf(id peer.ID) [][]string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return slices.Clone(w.dials[id])
+}
+
+// TestGateWaitsForTCP: without WithAllowPrivateAddrs, nothing goes to the
+// broker or the CA until a TCP address is confirmed: not while AutoNAT is
+// silent, not on AutoNAT v1's Public when the host also has a QUIC
+// address (v1 may have dialled that) and v2 confirmed only QUIC, not when
+// v2 found the TCP address unreachable. Once v2 confirms the TCP address
+// the certificate is obtained, the broker is given that one address to
+// dial back, and a browser-style dial over the announced address works.
+// A TCP-only host whose AutoNAT v1 says Public (v1 can only have dialled
+// TCP) passes on v1 alone.
+func TestGateWaitsForTCP(t *testing.T) {
+	f := startForge(t, testforge.Config{})
+	for _, tc := range []struct {
+		name    string
+		tcpOnly bool
+		// before emits AutoNAT's verdicts while the host waits.
+		before func(t *testing.T, a *autoNAT, tcp, quic ma.Multiaddr)
+		state  Reachability // the gate's state after them
+		// v1Opens: v1 alone opens the gate (no v2 confirmation needed).
+		v1Opens bool
+	}{
+		{name: "AutoNAT silent", state: ReachabilityUnknown},
+		{name: "v1 public, v2 confirmed only QUIC", state: ReachabilityUnknown,
+			before: func(t *testing.T, a *autoNAT, _, quic ma.Multiaddr) {
+				a.v1Public(t)
+				a.v2Says(t, []ma.Multiaddr{quic}, nil)
+			}},
+		{name: "v2 found TCP unreachable, QUIC reachable, v1 public", state: ReachabilityUnreachable,
+			before: func(t *testing.T, a *autoNAT, tcp, quic ma.Multiaddr) {
+				a.v2Says(t, []ma.Multiaddr{quic}, []ma.Multiaddr{tcp})
+				a.v1Public(t)
+			}},
+		{name: "TCP-only host, v1 public, v2 found TCP unreachable", tcpOnly: true, state: ReachabilityUnreachable,
+			before: func(t *testing.T, a *autoNAT, tcp, _ ma.Multiaddr) {
+				a.v2Says(t, nil, []ma.Multiaddr{tcp})
+				a.v1Public(t)
+			}},
+		{name: "TCP-only host, v1 public", tcpOnly: true, v1Opens: true,
+			before: func(t *testing.T, a *autoNAT, _, _ ma.Multiaddr) { a.v1Public(t) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			leaks := leakCheck(t)
+			w := watchBroker(t, f)
+			clk := newClockAtNow()
+			// After the no-peers warning is due, before the first ARI
+			// poll: the waits of an issuance fit.
+			clk.SetHorizon(clk.Now().Add(10 * time.Minute))
+			var listen []libp2p.Option
+			if tc.tcpOnly {
+				listen = tcpOnly(f)
+			}
+			before := f.Stats()
+			r := startGateRig(t, f, clk, listen, nil)
+			tcp := listenAddr(t, r.h, "/tcp/")
+			var quic ma.Multiaddr
+			if !tc.tcpOnly {
+				quic = listenAddr(t, r.h, "/quic-v1")
+			}
+			an := newAutoNAT(t, r.h)
+			r.waitLog(t, "waiting for AutoNAT to confirm a public TCP address")
+			// A minute without peers passes on the fake clock: the host
+			// says that AutoNAT has no one to ask.
+			noPeers, _ := r.reach.waitFor(t, 0, "no-peers reachability", func(e EvtReachabilityChanged) bool { return e.Reachability == ReachabilityNoPeers })
+			if tc.before != nil {
+				tc.before(t, an, tcp, quic)
+			}
+
+			if tc.v1Opens {
+				w.open.Store(true) // the broker may be asked from here on
+			} else {
+				// The event the last verdict leads to: AutoNAT's
+				// events are handled in order, so the earlier ones have
+				// been by then. With no verdict of its own, a peer
+				// connecting ends the no-peers state.
+				if tc.state == ReachabilityUnknown {
+					r.closers = append(r.closers, connectPeer(t, f, r.h))
+				}
+				_, e := r.reach.waitFor(t, noPeers+1, "reachability "+string(tc.state), func(e EvtReachabilityChanged) bool { return e.Reachability == tc.state })
+				if tc.state == ReachabilityUnreachable && !sameAddrs(e.Addrs, []string{tcp.String()}) {
+					t.Errorf("unreachable addresses %v, want [%s]", e.Addrs, tcp)
+				}
+				if slices.ContainsFunc(r.reach.all(), func(e EvtReachabilityChanged) bool { return e.Reachability == ReachabilityPublic }) {
+					t.Fatalf("reachability events %+v: public before a TCP address was confirmed", r.reach.all())
+				}
+				if s := f.Stats(); s.Health != before.Health || s.Challenge != before.Challenge || s.CA != before.CA {
+					t.Fatalf("requests while unconfirmed: %+v, before %+v", s, before)
+				}
+				w.open.Store(true)
+				an.v2Says(t, []ma.Multiaddr{tcp}, nil)
+			}
+			_, pub := r.reach.waitFor(t, 0, "public reachability", func(e EvtReachabilityChanged) bool { return e.Reachability == ReachabilityPublic })
+			if !sameAddrs(pub.Addrs, []string{tcp.String()}) {
+				t.Errorf("public event addresses %v, want [%s]", pub.Addrs, tcp)
+			}
+			if _, ok := r.certs.wait(30*time.Second, func(EvtCertificateLoaded) bool { return true }); !ok {
+				t.Fatalf("no certificate within 30 s; log:\n%s", r.logs)
+			}
+			if n := w.early.Load(); n != 0 {
+				t.Errorf("%d broker requests before the gate opened", n)
+			}
+			dials := w.dialsOf(r.h.ID())
+			if len(dials) != 1 || !slices.Equal(dials[0], []string{tcp.String()}) {
+				t.Errorf("the broker was asked to dial back %v, want [[%s]]", dials, tcp)
+			}
+
+			// What the operator read.
+			by := "AutoNAT v2"
+			if tc.v1Opens {
+				by = "AutoNAT v1"
+			}
+			conf := r.linesWith("public TCP reachability confirmed")
+			if len(conf) != 1 || !strings.Contains(conf[0].text, tcp.String()) || !strings.Contains(conf[0].text, by) {
+				t.Errorf("confirmation lines %v, want one naming %s and %s", conf, tcp, by)
+			}
+			if asked := r.linesWith("asking the broker"); len(asked) != 1 || !strings.Contains(asked[0].text, tcp.String()) {
+				t.Errorf("broker lines %v, want one naming %s", asked, tcp)
+			}
+			unreach := r.linesWith("AutoNAT cannot reach")
+			if tc.state == ReachabilityUnreachable {
+				if len(unreach) != 1 || unreach[0].level != slog.LevelWarn {
+					t.Errorf("unreachable warnings %v, want one", unreach)
+				} else {
+					for _, s := range []string{tcp.String(), "port forward", "firewall"} {
+						if !strings.Contains(unreach[0].text, s) {
+							t.Errorf("the unreachable warning does not say %q: %s", s, unreach[0].text)
+						}
+					}
+				}
+			} else if len(unreach) != 0 {
+				t.Errorf("unreachable warnings %v, want none", unreach)
+			}
+			lonely := r.linesWith("no peer connected")
+			if len(lonely) != 1 || lonely[0].level != slog.LevelWarn {
+				t.Errorf("no-peers warnings %v, want one", lonely)
+			} else {
+				for _, s := range []string{"AutoNAT needs peers", "bootstrap peers", "libp2p.ForceReachabilityPublic"} {
+					if !strings.Contains(lonely[0].text, s) {
+						t.Errorf("the no-peers warning does not say %q: %s", s, lonely[0].text)
+					}
+				}
+			}
+
+			addr := waitBrowserAddr(t, r.h, f.Domain, "/ip4/127.0.0.1/")
+			dialAndPing(t, f, r.h.ID(), addr)
+			r.closeAndCheck(t, leaks)
+		})
+	}
+}
