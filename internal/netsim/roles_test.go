@@ -83,11 +83,13 @@ type coreParams struct {
 }
 
 type hostParams struct {
-	Ifaces    []string
-	Listen    []string
-	Forge     forgeInfo
-	Peers     []string // AutoNAT servers to connect to, /p2p included
-	AutoNATv2 bool
+	Ifaces []string
+	Listen []string
+	Forge  forgeInfo
+	Peers  []string // AutoNAT servers to connect to, /p2p included
+	// NoAutoNATv2 turns the AutoNAT v2 client off after autotls.Option
+	// turned it on: a host with AutoNAT v1 only.
+	NoAutoNATv2 bool
 	// StateDir, if set, keeps the identity key and the certificate
 	// storage across runs of the host (a restart). Empty: in memory.
 	StateDir string
@@ -323,8 +325,11 @@ func runHost(o *out, p hostParams) error {
 			autotls.WithLogger(slog.New(lineHandler{o: o})),
 		),
 	}
-	if p.AutoNATv2 {
-		opts = append(opts, libp2p.EnableAutoNATv2())
+	if p.NoAutoNATv2 {
+		opts = append(opts, func(cfg *libp2p.Config) error {
+			cfg.EnableAutoNATv2 = false
+			return nil
+		})
 	}
 	opts = append(opts, identity...)
 	h, err := libp2p.New(opts...)
@@ -338,6 +343,7 @@ func runHost(o *out, p hostParams) error {
 		new(autotls.EvtCertificateLoaded),
 		new(autotls.EvtCertificateExpired),
 		new(autotls.EvtIssuanceFailed),
+		new(autotls.EvtReachabilityChanged),
 		new(event.EvtLocalAddressesUpdated),
 	})
 	if err != nil {
@@ -383,6 +389,8 @@ func runHost(o *out, p hostParams) error {
 				o.send(msg{Ev: "cert", Source: string(e.Source), Text: fmt.Sprintf("%v until %s", e.Names, e.NotAfter.UTC().Format(time.RFC3339Nano))})
 			case autotls.EvtCertificateExpired:
 				o.send(msg{Ev: "expired", Text: e.NotAfter.UTC().Format(time.RFC3339Nano)})
+			case autotls.EvtReachabilityChanged:
+				o.send(msg{Ev: "reach", Text: string(e.Reachability), Addrs: addrStrings(e.Addrs)})
 			case autotls.EvtIssuanceFailed:
 				o.send(msg{Ev: "failed", Text: fmt.Sprintf("%+v", e)})
 			case event.EvtLocalAddressesUpdated:

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -20,6 +21,15 @@ import (
 func TestMain(m *testing.M) {
 	if role := os.Getenv(roleEnv); role != "" {
 		os.Exit(runRole(role))
+	}
+	// The topologies spend their time waiting for processes of their own
+	// (AutoNAT, certificate lapse): run them all at once unless told
+	// otherwise, not GOMAXPROCS at a time.
+	flag.Parse()
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == "test.parallel" })
+	if !set {
+		_ = flag.Set("test.parallel", "16")
 	}
 	os.Exit(m.Run())
 }
@@ -175,6 +185,26 @@ func (p *proc) send(line string) {
 
 func ev(name string) func(msg) bool { return func(m msg) bool { return m.Ev == name } }
 
+// reach matches the host's EvtReachabilityChanged with reachability r.
+func reach(r string) func(msg) bool {
+	return func(m msg) bool { return m.Ev == "reach" && m.Text == r }
+}
+
+// wantLog checks that the host logged exactly one line at level containing
+// text.
+func wantLog(t *testing.T, p *proc, level, text string) {
+	t.Helper()
+	var n int
+	for _, m := range p.lines() {
+		if m.Ev == "log" && m.Level == level && strings.Contains(m.Text, text) {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("the host logged %d %s lines with %q, want 1; its lines:\n%s", n, level, text, p.dump())
+	}
+}
+
 // firewallTCP drops new inbound TCP connections to the host's port in ns;
 // QUIC (UDP) stays open, and so do the host's outbound connections.
 func firewallTCP(n *netsim.Net, ns string) {
@@ -191,7 +221,7 @@ type topology struct {
 	nat         bool // the host is behind a NAT (IPv4)
 	forward     bool // the NAT forwards the host's TCP port
 	firewallTCP bool // inbound TCP to the host is dropped; QUIC is open
-	autoNATv2   bool // the host has an AutoNAT v2 client
+	autoNATv2   bool // the host keeps the AutoNAT v2 client autotls.Option turns on
 	noPeers     bool // the host connects to nobody
 	wantCert    bool
 	externalIP  string // the address the certificate's WSS address must carry
@@ -252,9 +282,7 @@ func runLostBeforeRenewal(t *testing.T) {
 	if loaded.Source != "storage" || loaded.Text != first.Text {
 		t.Fatalf("after the restart the host loaded %q from %s, want %q from storage", loaded.Text, loaded.Source, first.Text)
 	}
-	b.await(0, 90*time.Second, "AutoNAT v2 finding the TCP address unreachable", func(m msg) bool {
-		return m.Ev == "v2" && slices.ContainsFunc(m.Unreach, func(a string) bool { return strings.Contains(a, "/tcp/") })
-	})
+	b.await(0, 90*time.Second, "the gate finding the TCP address unreachable", reach("unreachable"))
 	expired, i := b.await(0, validity+30*time.Second, "the certificate lapsing", func(m msg) bool {
 		return m.Ev == "expired" || (m.Ev == "cert" && m.Source != "storage")
 	})
@@ -266,6 +294,7 @@ func runLostBeforeRenewal(t *testing.T) {
 	default:
 		t.Logf("%s: certificate kept until it lapsed, %.1f s after the restart", tc.name, float64(b.lines()[i].MS)/1000)
 	}
+	wantLog(t, b, "WARN", "certificate renewal waits")
 	if after := s.stats(t); after.Health != before.Health || after.Challenge != before.Challenge || after.CA != before.CA {
 		t.Errorf("%s: the host contacted the forge while its TCP port was firewalled: before %+v, after %+v\nhost lines:\n%s", tc.name, before, after, b.dump())
 	}
@@ -379,7 +408,7 @@ func buildSim(t *testing.T, tc topology, certValidity time.Duration) *sim {
 func (s *sim) startHost(t *testing.T, tc topology, stateDir string) (*proc, string) {
 	t.Helper()
 	p := startRole(t, s.n, s.host, "host", hostParams{
-		Ifaces: s.hostIfaces, Listen: s.listen, Forge: s.forge, Peers: s.peers, AutoNATv2: tc.autoNATv2, StateDir: stateDir,
+		Ifaces: s.hostIfaces, Listen: s.listen, Forge: s.forge, Peers: s.peers, NoAutoNATv2: !tc.autoNATv2, StateDir: stateDir,
 	})
 	started, _ := p.await(0, 30*time.Second, "host start", ev("started"))
 	return p, started.ID
@@ -422,7 +451,10 @@ func runTopology(t *testing.T, tc topology) {
 	hostProc, id := s.startHost(t, tc, "")
 
 	if tc.wantCert {
-		cert, _ := hostProc.await(0, 90*time.Second, "certificate", ev("cert"))
+		cert, ci := hostProc.await(0, 90*time.Second, "certificate", ev("cert"))
+		if _, ri := hostProc.await(0, time.Second, "the gate's public verdict", reach("public")); ri > ci {
+			t.Errorf("%s: certificate loaded before the gate found the host public", tc.name)
+		}
 		pinged := s.dial(t, hostProc, 0, id, tc.externalIP)
 		t.Logf("%s: %s", tc.name, pinged.Text)
 		if tc.autoNATv2 {
@@ -438,23 +470,23 @@ func runTopology(t *testing.T, tc topology) {
 		return
 	}
 
-	// Nothing may be sent: wait for AutoNAT's verdict, then give the gate
-	// time to act on it (there is no event for "decided not to ask").
+	// Nothing may be sent: wait for the gate's verdict, then give it time
+	// to change its mind (there is no event for "decided not to ask").
 	switch {
 	case tc.noPeers:
-		// No verdict can come: give the host as long as the others take.
-		time.Sleep(15 * time.Second)
+		v, _ := hostProc.await(0, 90*time.Second, "the gate's no-peers verdict", reach("no-peers"))
+		t.Logf("%s: no-peers verdict at %.1f s", tc.name, float64(v.MS)/1000)
+		wantLog(t, hostProc, "WARN", "no peer connected")
 	case tc.autoNATv2:
-		v, _ := hostProc.await(0, 90*time.Second, "AutoNAT v2 finding the TCP address unreachable", func(m msg) bool {
-			return m.Ev == "v2" && slices.ContainsFunc(m.Unreach, func(a string) bool { return strings.Contains(a, "/tcp/") })
-		})
-		t.Logf("%s: AutoNAT v2 verdict at %.1f s: reachable %v, unreachable %v", tc.name, float64(v.MS)/1000, v.Addrs, v.Unreach)
-		time.Sleep(5 * time.Second)
+		v, _ := hostProc.await(0, 90*time.Second, "the gate finding the TCP address unreachable", reach("unreachable"))
+		t.Logf("%s: unreachable verdict at %.1f s for %v", tc.name, float64(v.MS)/1000, v.Addrs)
+		wantLog(t, hostProc, "WARN", "AutoNAT cannot reach")
 	default:
 		v, _ := hostProc.await(0, 90*time.Second, "AutoNAT v1 verdict", func(m msg) bool { return m.Ev == "v1" && m.Text != "Unknown" })
 		t.Logf("%s: AutoNAT v1 verdict at %.1f s: %s", tc.name, float64(v.MS)/1000, v.Text)
-		time.Sleep(5 * time.Second)
+		wantLog(t, hostProc, "WARN", "AutoNAT v2 is turned off")
 	}
+	time.Sleep(5 * time.Second)
 	if st := s.stats(t); st.Health+st.Challenge+st.CA > 0 {
 		t.Errorf("%s: the host contacted the forge although it is not publicly reachable over TCP: %+v\nhost lines:\n%s", tc.name, st, hostProc.dump())
 	}
@@ -464,8 +496,11 @@ func runTopology(t *testing.T, tc topology) {
 // logTimings prints when AutoNAT confirmed reachability and when the
 // certificate was served, in milliseconds since the host process started.
 func logTimings(t *testing.T, tc topology, p *proc, certMS int64) {
-	v1, v2 := int64(-1), int64(-1)
+	v1, v2, gate := int64(-1), int64(-1), int64(-1)
 	for _, m := range p.lines() {
+		if m.Ev == "reach" && m.Text == "public" && gate < 0 {
+			gate = m.MS
+		}
 		if m.Ev == "v1" && m.Text == "Public" && v1 < 0 {
 			v1 = m.MS
 		}
@@ -483,14 +518,14 @@ func logTimings(t *testing.T, tc topology, p *proc, certMS int64) {
 		}
 		return fmt.Sprintf("%.1f s", float64(ms)/1000)
 	}
-	t.Logf("timing %s: AutoNAT v2 confirmed a TCP address at %s, AutoNAT v1 public at %s, certificate served at %s (since the host process started)",
-		tc.name, f(v2), f(v1), f(certMS))
+	t.Logf("timing %s: reachability confirmed (gate public) at %s, certificate served at %s; AutoNAT v2 confirmed a TCP address at %s, v1 public at %s (since the host process started)",
+		tc.name, f(gate), f(certMS), f(v2), f(v1))
 	if testing.Verbose() {
 		for _, m := range p.lines() {
 			switch m.Ev {
 			case "log":
 				t.Logf("host log %s: %s", m.Level, m.Text)
-			case "v1", "v2", "cert", "expired", "failed", "announced":
+			case "v1", "v2", "reach", "cert", "expired", "failed", "announced":
 				j, _ := json.Marshal(m)
 				t.Logf("host event: %s", j)
 			}
