@@ -136,6 +136,15 @@ func runRole(role string) int {
 		if err = json.Unmarshal(raw, &p); err == nil {
 			err = runHost(o, p)
 		}
+	case "check":
+		// Only the isolation check: it must refuse where the test made
+		// the namespace unsafe on purpose.
+		var ifaces []string
+		if err = json.Unmarshal(raw, &ifaces); err == nil {
+			if err = netsim.CheckIsolated(ifaces...); err == nil {
+				o.send(msg{Ev: "isolated"})
+			}
+		}
 	case "client":
 		var p clientParams
 		if err = json.Unmarshal(raw, &p); err == nil {

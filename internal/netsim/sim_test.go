@@ -160,6 +160,25 @@ func (p *proc) await(from int, timeout time.Duration, what string, match func(ms
 	}
 }
 
+// exit waits for the process to end by itself and returns its lines.
+func (p *proc) exit(t *testing.T, timeout time.Duration) []msg {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		p.mu.Lock()
+		exited, more := p.exited, p.more
+		p.mu.Unlock()
+		if exited {
+			return p.lines()
+		}
+		select {
+		case <-more:
+		case <-deadline:
+			t.Fatalf("%s did not exit within %v", p.name, timeout)
+		}
+	}
+}
+
 func (p *proc) lines() []msg {
 	p.mu.Lock()
 	defer p.mu.Unlock()
