@@ -213,7 +213,9 @@ func runCore(o *out, p coreParams) error {
 			libp2p.ConnectionGater(testforge.PrefixGater(simPrefixes()...)),
 			libp2p.ForceReachabilityPublic(),
 			libp2p.EnableNATService(),
-			libp2p.AutoNATServiceRateLimit(0, 0, 0), // no throttling: one client asks often
+			// Generous v1 limits: a few clients ask often here. (A zero
+			// interval keeps the defaults; a zero per-peer limit refuses all.)
+			libp2p.AutoNATServiceRateLimit(1000, 100, time.Minute),
 			libp2p.EnableAutoNATv2(),
 			libp2p.DisableRelay(),
 			// No black-hole detection: a public node has dialled plenty

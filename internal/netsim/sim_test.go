@@ -248,6 +248,19 @@ type topology struct {
 
 const nServers = 5
 
+// TestSimulatedInternet runs the host under test in production
+// configuration (no WithAllowPrivateAddrs) in one topology per subtest:
+//
+//	client (5.200.0.2) ── c0 ┐
+//	                         core: forge 5.0.0.1, AutoNAT servers 5.1-5.5.0.1 (and 2a0f:5::1, 2a0f:5:1-5::1)
+//	host (5.100.0.2)   ── h0 ┘    or  nat (5.66.0.2, nft masquerade [+ DNAT tcp/4001]) ── host (10.0.0.2)
+//
+// Every process runs in its own namespace and checks it first; no namespace
+// has a route out. Each subtest logs, per topology, when the gate found the
+// host public and when the certificate was served, counted from the host
+// process's start:
+//
+//	go test -race -count=1 -run TestSimulatedInternet -v ./internal/netsim/ | grep timing
 func TestSimulatedInternet(t *testing.T) {
 	cases := []topology{
 		{name: "public-ipv4", autoNATv2: true, wantCert: true, externalIP: "5.100.0.2"},
