@@ -60,12 +60,28 @@ import (
 //     that announces those listeners as browser-dialable addresses while
 //     the certificate is valid (public ones only unless
 //     [WithAllowPrivateAddrs]);
+//   - AutoNAT v2 (libp2p.EnableAutoNATv2), unless [WithAllowPrivateAddrs]:
+//     it confirms each address separately, which tells an open TCP port
+//     (what browsers dial) from an open QUIC port; AutoNAT v1 cannot. The
+//     host then also answers other peers' AutoNAT v2 requests, within
+//     go-libp2p's rate limits (60 a minute);
 //   - a certificate manager started and stopped with the host: it serves a
 //     stored certificate at once, otherwise waits for public reachability,
 //     the registration delay and broker health, obtains one, and renews it
-//     before it expires. Its state is published on the host's event bus as
-//     [EvtCertificateLoaded], [EvtCertificateExpired] and
-//     [EvtIssuanceFailed].
+//     before it expires, after the same reachability and broker checks.
+//     Its state is published on the host's event bus as
+//     [EvtCertificateLoaded], [EvtCertificateExpired], [EvtIssuanceFailed]
+//     and [EvtReachabilityChanged].
+//
+// Public reachability means a public TCP address confirmed by AutoNAT v2,
+// or AutoNAT v1's Public when it can only concern TCP (the host has no
+// public QUIC or other UDP address) or was forced with
+// libp2p.ForceReachabilityPublic, as long as AutoNAT v2 has not found the
+// TCP address unreachable. AutoNAT asks connected peers to dial the host:
+// connect the host to some (the network's bootstrap peers, for example),
+// or use libp2p.ForceReachabilityPublic on a server known to be public.
+// Only the confirmed plain TCP addresses are sent to the broker for its
+// dial-back.
 //
 // Options are checked when libp2p.New applies this option; an error there
 // says what to change. Option cannot be combined with

@@ -67,11 +67,11 @@ const (
 	// AutoNAT v2 for that address, or by AutoNAT v1 for the host when its
 	// verdict can only concern TCP (or libp2p.ForceReachabilityPublic).
 	ReachabilityPublic Reachability = "public"
-	// ReachabilityUnreachable: AutoNAT v2 dialled the host's public TCP
-	// addresses and could not connect: the port is not forwarded, or a
-	// firewall drops it.
+	// ReachabilityUnreachable: AutoNAT v2 dialled a public TCP address of
+	// the host and could not connect, and confirmed none: the port is not
+	// forwarded, or a firewall drops it.
 	ReachabilityUnreachable Reachability = "unreachable"
-	// ReachabilityNoPeers: no peer has been connected for a while, and
+	// ReachabilityNoPeers: no peer has been connected for a minute, and
 	// AutoNAT has no one to ask.
 	ReachabilityNoPeers Reachability = "no-peers"
 )

@@ -46,6 +46,11 @@ type reachability struct {
 	since   time.Time      // when state was entered
 	waiting bool           // a certificate request waits for state public
 	changed chan struct{}  // closed and replaced on every change
+
+	// warned are the states already warned about since the state was
+	// last public (the watcher's): a host that flaps between no peers
+	// and one peer is told once.
+	warned map[Reachability]bool
 }
 
 // reachView is the gate's state as status reports show it.
@@ -319,21 +324,35 @@ func (m *manager) reassess() {
 }
 
 // logReachability says a change of state: once per change, never per
-// check.
+// check. A warning said since the state was last public is repeated at
+// debug level only.
 func (m *manager) logReachability(prev, st Reachability, addrs []ma.Multiaddr, by string) {
+	r := &m.reach
+	warn := slog.LevelWarn
+	if r.warned[st] {
+		warn = slog.LevelDebug
+	}
 	switch st {
 	case ReachabilityPublic:
+		clear(r.warned)
 		m.log.Info("public TCP reachability confirmed", "addrs", addrs, "by", by)
 	case ReachabilityUnreachable:
-		m.log.Warn("AutoNAT cannot reach this host's TCP address from the internet; no certificate is requested until it can: check the port forward on the router (or enable libp2p.NATPortMap) and that the firewall lets this TCP port in", "addrs", addrs)
+		m.log.Log(m.ctx, warn, "AutoNAT cannot reach this host's TCP address from the internet; no certificate is requested until it can: check the port forward on the router (or enable libp2p.NATPortMap) and that the firewall lets this TCP port in", "addrs", addrs)
 	case ReachabilityNoPeers:
-		m.log.Warn(fmt.Sprintf("no peer connected for %v: AutoNAT needs peers to confirm a public TCP address; connect to bootstrap peers, or on a server known to be public use libp2p.ForceReachabilityPublic", noPeersAfter))
+		m.log.Log(m.ctx, warn, fmt.Sprintf("no peer connected for %v: AutoNAT needs peers to confirm a public TCP address; connect to bootstrap peers, or on a server known to be public use libp2p.ForceReachabilityPublic", noPeersAfter))
 	default:
 		level := slog.LevelDebug
 		if prev == ReachabilityPublic {
 			level = slog.LevelInfo
 		}
 		m.log.Log(m.ctx, level, "TCP reachability not confirmed (any more); waiting for AutoNAT", "was", string(prev))
+		return
+	}
+	if st != ReachabilityPublic {
+		if r.warned == nil {
+			r.warned = map[Reachability]bool{}
+		}
+		r.warned[st] = true
 	}
 }
 

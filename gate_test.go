@@ -189,12 +189,17 @@ func (r *gateRig) waitReach(t testing.TB, st Reachability) EvtReachabilityChange
 // waitLog waits until a line containing s has been logged, and returns it.
 func (r *gateRig) waitLog(t testing.TB, s string) logLine {
 	t.Helper()
+	return r.waitLogs(t, s, 1)
+}
+
+// waitLogs waits until n lines containing s have been logged, and returns
+// the n-th.
+func (r *gateRig) waitLogs(t testing.TB, s string, n int) logLine {
+	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		for _, l := range r.logs.all() {
-			if strings.Contains(l.msg, s) {
-				return l
-			}
+		if ls := r.linesWith(s); len(ls) >= n {
+			return ls[n-1]
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("nothing logged containing %q; log:\n%s", s, r.logs)
@@ -457,6 +462,245 @@ func TestGateWaitsForTCP(t *testing.T) {
 			addr := waitBrowserAddr(t, r.h, f.Domain, "/ip4/127.0.0.1/")
 			dialAndPing(t, f, r.h.ID(), addr)
 			r.closeAndCheck(t, leaks)
+		})
+	}
+}
+
+// TestAssess covers the gate's rule, address by address.
+func TestAssess(t *testing.T) {
+	t.Parallel()
+	m := ma.StringCast
+	tcp4, tcp6 := m("/ip4/1.2.3.4/tcp/4001"), m("/ip6/2606:4700::1/tcp/4001")
+	quic := m("/ip4/1.2.3.4/udp/4001/quic-v1")
+	wss := m("/ip4/1.2.3.4/tcp/4001/tls/sni/*.libp2p.direct/ws")
+	privTCP, privQUIC := m("/ip4/192.168.1.2/tcp/4001"), m("/ip4/192.168.1.2/udp/4001/quic-v1")
+	nat64 := m("/ip6/64:ff9b::102:304/tcp/4001")
+	relay := m("/ip4/198.51.100.1/udp/4001/quic-v1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq/p2p-circuit")
+	ms := func(as ...ma.Multiaddr) []ma.Multiaddr { return as }
+	for _, tc := range []struct {
+		name  string
+		in    gateInput
+		state Reachability
+		addrs []ma.Multiaddr
+		by    string
+	}{
+		{name: "nothing known", in: gateInput{hostAddrs: ms(tcp4, quic)}, state: ReachabilityUnknown},
+		{name: "v2 confirmed TCP", in: gateInput{reachable: ms(quic, tcp4, wss), hostAddrs: ms(tcp4, quic)}, state: ReachabilityPublic, addrs: ms(tcp4), by: "AutoNAT v2"},
+		{name: "v2 confirmed TCP, v1 not public", in: gateInput{reachable: ms(tcp6)}, state: ReachabilityPublic, addrs: ms(tcp6), by: "AutoNAT v2"},
+		{name: "v2 confirmed only QUIC and WSS", in: gateInput{reachable: ms(quic, wss), v1Public: true, hostAddrs: ms(tcp4, quic)}, state: ReachabilityUnknown},
+		{name: "v2 confirmed private TCP", in: gateInput{reachable: ms(privTCP)}, state: ReachabilityUnknown},
+		{name: "v2 confirmed NAT64", in: gateInput{reachable: ms(nat64)}, state: ReachabilityUnknown},
+		{name: "v1 public, TCP only", in: gateInput{v1Public: true, hostAddrs: ms(tcp4, wss, privQUIC, relay)}, state: ReachabilityPublic, addrs: ms(tcp4), by: "AutoNAT v1"},
+		{name: "v1 public, QUIC too", in: gateInput{v1Public: true, hostAddrs: ms(tcp4, quic)}, state: ReachabilityUnknown},
+		{name: "v1 public, no public TCP", in: gateInput{v1Public: true, hostAddrs: ms(privTCP, nat64)}, state: ReachabilityUnknown},
+		{name: "forced public, QUIC too", in: gateInput{v1Public: true, forced: true, hostAddrs: ms(tcp4, quic, tcp6)}, state: ReachabilityPublic, addrs: ms(tcp4, tcp6), by: "libp2p.ForceReachabilityPublic"},
+		{name: "forced public, v2 found one TCP unreachable", in: gateInput{v1Public: true, forced: true, unreachable: ms(tcp4), hostAddrs: ms(tcp4, tcp6)}, state: ReachabilityPublic, addrs: ms(tcp6), by: "libp2p.ForceReachabilityPublic"},
+		{name: "forced public, v2 found TCP unreachable", in: gateInput{v1Public: true, forced: true, unreachable: ms(tcp4), hostAddrs: ms(tcp4, quic)}, state: ReachabilityUnreachable, addrs: ms(tcp4)},
+		{name: "v2 found TCP unreachable", in: gateInput{unreachable: ms(tcp4, quic), hostAddrs: ms(tcp4, quic)}, state: ReachabilityUnreachable, addrs: ms(tcp4)},
+		{name: "v2 found only QUIC unreachable", in: gateInput{unreachable: ms(quic), hostAddrs: ms(tcp4, quic)}, state: ReachabilityUnknown},
+		{name: "no peers", in: gateInput{noPeers: true, hostAddrs: ms(tcp4)}, state: ReachabilityNoPeers},
+		{name: "no peers, unreachable known", in: gateInput{noPeers: true, unreachable: ms(tcp4)}, state: ReachabilityUnreachable, addrs: ms(tcp4)},
+		{name: "no peers, confirmed known", in: gateInput{noPeers: true, reachable: ms(tcp4)}, state: ReachabilityPublic, addrs: ms(tcp4), by: "AutoNAT v2"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.in.public = manet.IsPublicAddr
+			st, addrs, by := assess(tc.in)
+			if st != tc.state || !slices.EqualFunc(addrs, tc.addrs, ma.Multiaddr.Equal) || by != tc.by {
+				t.Fatalf("assess = %s %v %q, want %s %v %q", st, addrs, by, tc.state, tc.addrs, tc.by)
+			}
+		})
+	}
+}
+
+// TestGateForcedPublic: with libp2p.ForceReachabilityPublic, go-libp2p's
+// own AutoNAT v1 says Public at once, and the gate opens on the host's TCP
+// address with no AutoNAT v2 verdict, QUIC listener or not (the operator
+// vouched for the host). The broker is given the TCP address only.
+func TestGateForcedPublic(t *testing.T) {
+	t.Parallel()
+	f := startForge(t, testforge.Config{})
+	w := watchBroker(t, f)
+	w.open.Store(true)
+	clk := newClockAtNow()
+	clk.SetHorizon(clk.Now().Add(10 * time.Minute))
+	r := startGateRig(t, f, clk, nil, []libp2p.Option{libp2p.ForceReachabilityPublic()})
+	tcp := listenAddr(t, r.h, "/tcp/")
+	if _, ok := r.certs.wait(30*time.Second, func(EvtCertificateLoaded) bool { return true }); !ok {
+		t.Fatalf("no certificate within 30 s; log:\n%s", r.logs)
+	}
+	if e := r.waitReach(t, ReachabilityPublic); !sameAddrs(e.Addrs, []string{tcp.String()}) {
+		t.Errorf("public event addresses %v, want [%s]", e.Addrs, tcp)
+	}
+	if dials := w.dialsOf(r.h.ID()); len(dials) != 1 || !slices.Equal(dials[0], []string{tcp.String()}) {
+		t.Errorf("the broker was asked to dial back %v, want [[%s]]", dials, tcp)
+	}
+	if conf := r.linesWith("public TCP reachability confirmed"); len(conf) != 1 || !strings.Contains(conf[0].text, "libp2p.ForceReachabilityPublic") {
+		t.Errorf("confirmation lines %v, want one naming libp2p.ForceReachabilityPublic", conf)
+	}
+}
+
+// TestGateRenewal: a renewal is gated like the first issuance. While
+// AutoNAT v2 finds the TCP address unreachable, a renewal that is due
+// waits, says so once, and sends nothing to the broker or the CA; the
+// certificate in use is still served. Once the address is confirmed again
+// the renewal goes through at once (after a broker health check). When
+// reachability does not come back, the certificate is served until it
+// lapses, and then withdrawn.
+func TestGateRenewal(t *testing.T) {
+	// Not parallel: the leak check sees every goroutine.
+	f := startForge(t, testforge.Config{})
+	leaks := leakCheck(t)
+	clk := newClockAtNow()
+	// Before the first ARI poll (15 to 30 minutes after each issuance),
+	// so the run loop parks after each certificate.
+	clk.SetHorizon(clk.Now().Add(10 * time.Minute))
+	r := startGateRig(t, f, clk, nil, nil)
+	tcp, quic := listenAddr(t, r.h, "/tcp/"), listenAddr(t, r.h, "/quic-v1")
+	an := newAutoNAT(t, r.h)
+	an.v2Says(t, []ma.Multiaddr{tcp}, nil)
+	if _, ok := r.certs.wait(30*time.Second, func(EvtCertificateLoaded) bool { return true }); !ok {
+		t.Fatalf("no certificate within 30 s; log:\n%s", r.logs)
+	}
+	served := r.m.cert.Load()
+	serial := served.leaf.SerialNumber.String()
+
+	// Reachability lost, then the renewal comes due.
+	lost := func() {
+		t.Helper()
+		n := len(r.reach.all())
+		an.v2Says(t, []ma.Multiaddr{quic}, []ma.Multiaddr{tcp})
+		r.reach.waitFor(t, n, "unreachable", func(e EvtReachabilityChanged) bool { return e.Reachability == ReachabilityUnreachable })
+	}
+	lost()
+	before := f.Stats()
+	r.kick(t)
+	l := r.waitLog(t, "certificate renewal waits")
+	if l.level != slog.LevelWarn || !strings.Contains(l.text, "not_after="+served.leaf.NotAfter.Format(time.RFC3339)) {
+		t.Errorf("the waiting renewal says %q, want a warning naming the expiry", l.text)
+	}
+	if v := r.m.reachStatus(); !v.Waiting || v.State != ReachabilityUnreachable || !v.Checked {
+		t.Errorf("reachability view %+v, want waiting, unreachable", v)
+	}
+	if got := servedSerial(t, r.faultRig); got != serial {
+		t.Errorf("while the renewal waits, a handshake gets serial %q, want the certificate in use, %s", got, serial)
+	}
+	if s := f.Stats(); s != before {
+		t.Fatalf("requests while the renewal waits: %+v, before %+v", s, before)
+	}
+
+	// Back: the renewal goes through.
+	n := len(r.certs.all())
+	an.v2Says(t, []ma.Multiaddr{tcp}, nil)
+	_, renewed := r.certs.waitFor(t, n, "renewed certificate", func(e EvtCertificateLoaded) bool { return true })
+	if renewed.Source != Renewed {
+		t.Errorf("after reachability returned: %+v, want a renewal", renewed)
+	}
+	if s := f.Stats(); s.Health != before.Health+1 {
+		t.Errorf("the renewal made %d health checks, want 1", s.Health-before.Health)
+	}
+	if n := len(r.linesWith("certificate renewal waits")); n != 1 {
+		t.Errorf("the waiting renewal was logged %d times, want once", n)
+	}
+
+	// Lost again, for good: the certificate is served until it lapses.
+	lost()
+	cur := r.m.cert.Load()
+	r.kick(t)
+	r.waitLogs(t, "certificate renewal waits", 2)
+	before = f.Stats()
+	sub, err := r.h.EventBus().Subscribe(new(EvtCertificateExpired))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	clk.SetHorizon(cur.leaf.NotAfter.Add(time.Second))
+	select {
+	case <-sub.Out():
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the certificate was not withdrawn when it lapsed; log:\n%s", r.logs)
+	}
+	if a := browserAddrs(r.h, f.Domain); len(a) != 0 {
+		t.Errorf("browser addresses %v still announced after the certificate lapsed", a)
+	}
+	if s := f.Stats(); s != before {
+		t.Errorf("requests while waiting for reachability: %+v, before %+v", s, before)
+	}
+	r.closeAndCheck(t, leaks)
+}
+
+// TestGateNoPeers: a host with no peer for a minute says, once, that
+// AutoNAT has no one to ask and what to do about it, and emits the state;
+// a peer connecting ends the state, and losing it again brings the state
+// back without a second warning.
+func TestGateNoPeers(t *testing.T) {
+	// Not parallel: the leak check sees every goroutine.
+	f := startForge(t, testforge.Config{})
+	leaks := leakCheck(t)
+	clk := newClockAtNow() // no horizon: the host's minute alone passes at once
+	start := clk.Now()
+	r := startGateRig(t, f, clk, nil, nil)
+	i, _ := r.reach.waitFor(t, 0, "no-peers", func(e EvtReachabilityChanged) bool { return e.Reachability == ReachabilityNoPeers })
+	if waited := clk.Now().Sub(start); waited < noPeersAfter {
+		t.Errorf("no-peers after %v, want %v", waited, noPeersAfter)
+	}
+	closePeer := connectPeer(t, f, r.h)
+	i, _ = r.reach.waitFor(t, i+1, "unknown", func(e EvtReachabilityChanged) bool { return e.Reachability == ReachabilityUnknown })
+	closePeer()
+	r.reach.waitFor(t, i+1, "no-peers again", func(e EvtReachabilityChanged) bool { return e.Reachability == ReachabilityNoPeers })
+	lines := r.linesWith("no peer connected")
+	if len(lines) != 2 || lines[0].level != slog.LevelWarn || lines[1].level != slog.LevelDebug {
+		t.Errorf("no-peers lines %+v, want a warning, then a debug line", lines)
+	}
+	for _, l := range r.logs.atLeast(slog.LevelInfo) {
+		if strings.Contains(l.msg, "reachability confirmed") || strings.Contains(l.msg, "cannot reach") {
+			t.Errorf("logged %q with no AutoNAT verdict", l.msg)
+		}
+	}
+	r.closeAndCheck(t, leaks)
+}
+
+// BenchmarkNewHostGate is the cost of what the gate adds to a host: AutoNAT
+// v2 (a second, dial-only swarm) and the watcher. It builds and closes a
+// host with a stored certificate (served before libp2p.New returns), with
+// the gate (production) and without (WithAllowPrivateAddrs).
+func BenchmarkNewHostGate(b *testing.B) {
+	quietLibp2p()
+	f := startForge(b, testforge.Config{})
+	key := benchKey(b)
+	store := storage.Memory()
+	h := benchHost(b, f, key, WithStorage(store))
+	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
+	if err != nil {
+		b.Fatal(err)
+	}
+	nextCert(b, sub.Out(), time.Minute)
+	sub.Close()
+	_ = h.Close()
+	for _, gate := range []bool{false, true} {
+		name := "no gate"
+		if gate {
+			name = "gate"
+		}
+		b.Run(name, func(b *testing.B) {
+			b.ReportAllocs()
+			var m *manager
+			for range b.N {
+				opts := []Opt{WithForgeDomain(f.Domain), WithRegistrationEndpoint(f.BrokerURL), WithCA(f.CAURL, f.CARoots),
+					WithResolver(f.Resolver()), WithLogger(benchLogger), WithStorage(store), withManager(func(x *manager) { m = x })}
+				if !gate {
+					opts = append(opts, WithAllowPrivateAddrs())
+				}
+				h, err := libp2p.New(append(f.HostOptions(), libp2p.Identity(key), Option(opts...))...)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if m.cert.Load() == nil {
+					b.Fatal("the stored certificate is not served")
+				}
+				b.StopTimer()
+				_ = h.Close()
+				b.StartTimer()
+			}
 		})
 	}
 }

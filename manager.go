@@ -219,8 +219,9 @@ func (m *manager) run(loadErr error) {
 	}
 }
 
-// attempt obtains or renews the certificate. When checkBroker is set (the
-// broker failed last time) the broker's health is checked first: an order
+// attempt obtains or renews the certificate. When checkBroker is set (a
+// renewal, or the broker failed last time) the broker's health is checked
+// first: an order
 // the broker cannot serve would cost the CA an order and an authorization
 // for nothing.
 func (m *manager) attempt(ctx context.Context, checkBroker bool) error {
