@@ -67,6 +67,7 @@ type msg struct {
 	Servers []string         `json:"servers,omitempty"`
 	Stats   *testforge.Stats `json:"stats,omitempty"`
 	Source  string           `json:"source,omitempty"`
+	Dialed  [][]string       `json:"dialed,omitempty"` // the broker's dial-backs
 }
 
 // forgeInfo is what the host and the client need to know of the forge.
@@ -239,7 +240,7 @@ func runCore(o *out, p coreParams) error {
 	for cmd := range commands() {
 		if cmd == "stats" {
 			s := f.Stats()
-			o.send(msg{Ev: "stats", Stats: &s})
+			o.send(msg{Ev: "stats", Stats: &s, Dialed: f.DialBackAddrs()})
 		}
 	}
 	return nil

@@ -449,10 +449,35 @@ func (s *sim) startHost(t *testing.T, tc topology, stateDir string) (*proc, stri
 // stats returns the forge's counters.
 func (s *sim) stats(t *testing.T) testforge.Stats {
 	t.Helper()
+	st, _ := s.forgeState(t)
+	return st
+}
+
+// forgeState returns the forge's counters and the addresses of each
+// dial-back its broker made.
+func (s *sim) forgeState(t *testing.T) (testforge.Stats, [][]string) {
+	t.Helper()
 	i := len(s.coreProc.lines())
 	s.coreProc.send("stats")
 	st, _ := s.coreProc.await(i, 10*time.Second, "forge stats", ev("stats"))
-	return *st.Stats
+	return *st.Stats, st.Dialed
+}
+
+// checkDialBacks checks that the host sent the broker only its external
+// TCP address, in the thin-waist form /ipX/<externalIP>/tcp/<port>.
+func checkDialBacks(t *testing.T, dialed [][]string, externalIP string) {
+	t.Helper()
+	if len(dialed) == 0 {
+		t.Errorf("the broker dialled nobody back, yet a certificate was issued")
+	}
+	for _, addrs := range dialed {
+		for _, a := range addrs {
+			parts := strings.Split(a, "/")
+			if len(parts) != 5 || (parts[1] != "ip4" && parts[1] != "ip6") || parts[2] != externalIP || parts[3] != "tcp" {
+				t.Errorf("the host sent the broker %q (all: %v); want only /ipX/%s/tcp/<port>", a, addrs, externalIP)
+			}
+		}
+	}
 }
 
 // dial has the browser's side dial the host's announced WSS address at
@@ -489,6 +514,9 @@ func runTopology(t *testing.T, tc topology) {
 		}
 		pinged := s.dial(t, hostProc, 0, id, tc.externalIP)
 		t.Logf("%s: %s", tc.name, pinged.Text)
+		_, dialed := s.forgeState(t)
+		checkDialBacks(t, dialed, tc.externalIP)
+		t.Logf("%s: the broker dialled back %v", tc.name, dialed)
 		if tc.autoNATv2 {
 			// AutoNAT v2 must confirm the external TCP address too (the
 			// gate may have passed on v1's word first).

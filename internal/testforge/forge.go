@@ -151,6 +151,9 @@ type Forge struct {
 	dnsFault    atomic.Pointer[func(dns.Question) DNSFault]
 	dialFault   atomic.Pointer[func(peer.ID, []string) error]
 
+	dialedMu sync.Mutex
+	dialed   [][]string // the addresses of each dial-back, in order
+
 	ctx       context.Context // canceled by Close: aborts dial-backs and DNS delays
 	cancel    context.CancelFunc
 	closeOnce sync.Once
