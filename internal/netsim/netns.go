@@ -80,6 +80,12 @@ func unavailable() string {
 			return bin + " is not installed (Debian: apt-get install iproute2 nftables)"
 		}
 	}
+	// Root in a container may still lack the right to make namespaces.
+	if _, err := exec.LookPath("unshare"); err == nil {
+		if out, err := exec.Command("unshare", "--net", "true").CombinedOutput(); err != nil {
+			return fmt.Sprintf("creating a network namespace is not permitted here: %v: %s", err, bytes.TrimSpace(out))
+		}
+	}
 	return ""
 }
 
