@@ -281,6 +281,46 @@ func TestSimulatedInternet(t *testing.T) {
 		t.Parallel()
 		runLostBeforeRenewal(t)
 	})
+	t.Run("reachability-returns-before-lapse", func(t *testing.T) {
+		t.Parallel()
+		runReturnsBeforeLapse(t)
+	})
+}
+
+// runReturnsBeforeLapse: as runLostBeforeRenewal, but TCP opens again while
+// the renewal waits and the certificate is still valid: the host (restarted,
+// for the reason given there) renews it before it lapses.
+func runReturnsBeforeLapse(t *testing.T) {
+	tc := topology{name: "reachability-returns-before-lapse", autoNATv2: true, externalIP: "5.100.0.2"}
+	const validity = 90 * time.Second // renewal due at about 45-60 s
+	s := buildSim(t, tc, validity)
+	state := t.TempDir()
+
+	a, id := s.startHost(t, tc, state)
+	first, _ := a.await(0, 90*time.Second, "certificate", ev("cert"))
+	a.stop()
+
+	firewallTCP(s.n, s.host)
+	b, _ := s.startHost(t, tc, state)
+	b.await(0, 30*time.Second, "the stored certificate", func(m msg) bool { return m.Ev == "cert" && m.Source == "storage" })
+	b.await(0, 90*time.Second, "the renewal waiting for reachability", func(m msg) bool {
+		return m.Ev == "log" && m.Level == "WARN" && strings.Contains(m.Text, "certificate renewal waits")
+	})
+	if slices.ContainsFunc(b.lines(), func(m msg) bool { return m.Ev == "cert" && m.Source != "storage" }) {
+		t.Fatalf("%s: the host renewed while TCP was firewalled:\n%s", tc.name, b.dump())
+	}
+	b.stop()
+
+	s.n.Nft(s.host, "delete table inet fw\n")
+	c, _ := s.startHost(t, tc, state)
+	renewed, _ := c.await(0, 60*time.Second, "the renewal", func(m msg) bool {
+		return m.Ev == "expired" || (m.Ev == "cert" && m.Source != "storage")
+	})
+	if renewed.Ev != "cert" || renewed.Source != "renewed" {
+		t.Fatalf("%s: after TCP opened again the host got %+v, want a renewal before %s", tc.name, renewed, first.Text)
+	}
+	s.dial(t, c, 0, id, tc.externalIP)
+	t.Logf("%s: renewed %.1f s after the restart with TCP open: %s", tc.name, float64(renewed.MS)/1000, renewed.Text)
 }
 
 // runLostBeforeRenewal: a public host gets a certificate; then its TCP port
