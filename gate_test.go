@@ -24,6 +24,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
+	"github.com/libp2p/go-libp2p/p2p/protocol/autonatv2"
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
 	"go.uber.org/fx"
@@ -702,5 +703,30 @@ func BenchmarkNewHostGate(b *testing.B) {
 				b.StartTimer()
 			}
 		})
+	}
+}
+
+// TestOptionAutoNATv2: Option turns on AutoNAT v2 (seen from outside: the
+// host answers its dial requests) unless private addresses are allowed,
+// which skips the gate that needs it.
+func TestOptionAutoNATv2(t *testing.T) {
+	t.Parallel()
+	f := startForge(t, testforge.Config{})
+	for _, allowPrivate := range []bool{false, true} {
+		opts := []Opt{WithForgeDomain(f.Domain), WithRegistrationEndpoint(f.BrokerURL), WithCA(f.CAURL, f.CARoots),
+			WithResolver(f.Resolver()), WithStorage(storage.Memory()), WithLogger(slog.New(slog.DiscardHandler)),
+			withClock(newClockAtNowParked())}
+		if allowPrivate {
+			opts = append(opts, WithAllowPrivateAddrs())
+		}
+		h, err := libp2p.New(append(f.HostOptions(), Option(opts...))...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := slices.Contains(h.Mux().Protocols(), autonatv2.DialProtocol)
+		_ = h.Close()
+		if got == allowPrivate {
+			t.Errorf("with allowPrivate=%v, AutoNAT v2 on = %v", allowPrivate, got)
+		}
 	}
 }
