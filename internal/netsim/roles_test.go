@@ -378,7 +378,7 @@ func runHost(o *out, p hostParams) error {
 		go func() {
 			defer wg.Done()
 			if err := h.Connect(ctx, *ai); err != nil && ctx.Err() == nil {
-				o.send(msg{Ev: "log", Level: "PEER", Text: fmt.Sprintf("connecting to %s: %v", ai.ID, err)})
+				o.send(msg{Ev: "peer-error", Text: fmt.Sprintf("connecting to %s: %v", ai.ID, err)})
 			}
 		}()
 	}
