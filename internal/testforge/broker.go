@@ -57,7 +57,7 @@ func startBroker(f *Forge) (*broker, error) {
 		return nil, fmt.Errorf("generating broker key: %w", err)
 	}
 	b := &broker{f: f}
-	b.srv, err = newLoopbackServer(http.HandlerFunc(b.serveHTTP), f.log.With("component", "broker"))
+	b.srv, err = newServer(f.cfg.listenIP(), http.HandlerFunc(b.serveHTTP), f.log.With("component", "broker"))
 	if err != nil {
 		return nil, err
 	}

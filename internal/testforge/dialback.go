@@ -3,6 +3,7 @@ package testforge
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
@@ -21,6 +22,9 @@ func (f *Forge) dialBack(ctx context.Context, id peer.ID, addrs []string) error 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer context.AfterFunc(f.ctx, cancel)() // Close aborts the probe
+	f.dialedMu.Lock()
+	f.dialed = append(f.dialed, slices.Clone(addrs))
+	f.dialedMu.Unlock()
 
 	if fn := f.dialFault.Load(); fn != nil {
 		if err := (*fn)(id, addrs); err != nil {
@@ -59,6 +63,19 @@ func (f *Forge) dialBack(ctx context.Context, id peer.ID, addrs []string) error 
 		}
 	}
 	return nil
+}
+
+// DialBackAddrs returns the addresses the broker was asked to dial back,
+// one list per dial-back (authenticated, well-formed registrations), in
+// order.
+func (f *Forge) DialBackAddrs() [][]string {
+	f.dialedMu.Lock()
+	defer f.dialedMu.Unlock()
+	out := make([][]string, len(f.dialed))
+	for i, a := range f.dialed {
+		out[i] = slices.Clone(a)
+	}
+	return out
 }
 
 // SetDialBackFault installs fn, called before each dial-back with the peer

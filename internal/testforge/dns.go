@@ -21,7 +21,7 @@ const (
 	acmePrefix = "_acme-challenge"
 )
 
-// dnsServer serves the forge zone on one loopback port, UDP and TCP.
+// dnsServer serves the forge zone on one port, UDP and TCP.
 type dnsServer struct {
 	addr string
 	udp  *dns.Server
@@ -29,7 +29,7 @@ type dnsServer struct {
 }
 
 func startDNS(f *Forge) (*dnsServer, error) {
-	pc, ln, err := listenDNS()
+	pc, ln, err := listenDNS(f.cfg.listenIP())
 	if err != nil {
 		return nil, err
 	}
@@ -59,11 +59,11 @@ func startDNS(f *Forge) (*dnsServer, error) {
 	return s, nil
 }
 
-// listenDNS binds UDP and TCP to the same free port on 127.0.0.1.
-func listenDNS() (net.PacketConn, net.Listener, error) {
+// listenDNS binds UDP and TCP to the same free port on ip.
+func listenDNS(ip netip.Addr) (net.PacketConn, net.Listener, error) {
 	var lastErr error
 	for range 20 {
-		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		pc, err := net.ListenPacket("udp", netip.AddrPortFrom(ip, 0).String())
 		if err != nil {
 			return nil, nil, err
 		}

@@ -70,7 +70,7 @@ func (f *Forge) StartCAProxy() (*CAProxy, error) {
 		return nil, err
 	}
 	target.Path = ""
-	cert, leaf, err := selfSignedLoopbackCert()
+	cert, leaf, err := selfSignedLoopbackCert(nil)
 	if err != nil {
 		return nil, fmt.Errorf("testforge: the CA proxy's certificate: %w", err)
 	}

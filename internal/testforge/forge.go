@@ -6,8 +6,10 @@
 // It is the model of net/http/httptest applied to the forge: [New] gives a
 // test a running forge with its URLs, roots and a resolver, and stops all of
 // it when the test ends; [Start] and [Forge.Close] do the same for programs
-// that are not tests (the offline example). It never talks to anything but
-// 127.0.0.1 and never resolves through the system resolver.
+// that are not tests (the offline example). By default it listens on and
+// talks to 127.0.0.1 only; [Config.ListenIP] and [Config.DialBackPrefixes]
+// move it into a simulated network (network namespaces a test creates). It
+// never resolves through the system resolver.
 //
 // It does not implement the public broker's denylist, its metrics, or the
 // static zone records (NS, CAA, MX, ...) of the production forge.
@@ -21,6 +23,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -78,6 +82,41 @@ type Config struct {
 	// Logger receives the forge's logs, Pebble's included (at debug level).
 	// Nil discards them.
 	Logger *slog.Logger
+
+	// ListenIP is the address the DNS server, Pebble and the broker listen
+	// on; the ACME endpoint's certificate names it. The zero value means
+	// 127.0.0.1. Anything else belongs only inside a network namespace the
+	// test created, with no route out (internal/netsim).
+	ListenIP netip.Addr
+
+	// DialBackPrefixes are the networks the broker's dial-back may reach,
+	// besides loopback. Nil means loopback only.
+	DialBackPrefixes []netip.Prefix
+}
+
+// listenIP is the address the forge's servers listen on.
+func (c Config) listenIP() netip.Addr {
+	if c.ListenIP.IsValid() {
+		return c.ListenIP.Unmap()
+	}
+	return netip.AddrFrom4([4]byte{127, 0, 0, 1})
+}
+
+// newServer returns an unstarted test server listening on ip (any port),
+// logging its errors (e.g. TLS handshake failures) at debug.
+func newServer(ip netip.Addr, h http.Handler, logger *slog.Logger) (*httptest.Server, error) {
+	ln, err := net.Listen("tcp", netip.AddrPortFrom(ip, 0).String())
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", ip, err)
+	}
+	return &httptest.Server{
+		Listener: ln,
+		Config: &http.Server{
+			Handler:           h,
+			ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+			ReadHeaderTimeout: time.Minute,
+		},
+	}, nil
 }
 
 // Forge is a running test forge. Its exported fields are set by [New] or
@@ -85,7 +124,8 @@ type Config struct {
 type Forge struct {
 	// Domain is the normalized forge domain (lower case, no trailing dot).
 	Domain string
-	// BrokerURL is the registration endpoint, "http://127.0.0.1:<port>".
+	// BrokerURL is the registration endpoint, "http://127.0.0.1:<port>"
+	// (the address is [Config.ListenIP] when set, here and below).
 	// Clients append /v1/health and /v1/_acme-challenge. PeerID auth
 	// accepts only this exact host (with its port) as the hostname.
 	BrokerURL string
@@ -119,6 +159,9 @@ type Forge struct {
 	dnsFault    atomic.Pointer[func(dns.Question) DNSFault]
 	dialFault   atomic.Pointer[func(peer.ID, []string) error]
 
+	dialedMu sync.Mutex
+	dialed   [][]string // the addresses of each dial-back, in order
+
 	ctx       context.Context // canceled by Close: aborts dial-backs and DNS delays
 	cancel    context.CancelFunc
 	closeOnce sync.Once
@@ -147,7 +190,7 @@ type DNSFault struct {
 	HideTXT bool          // answer _acme-challenge TXT as if nothing were stored
 }
 
-// New starts a forge on 127.0.0.1 for a test or benchmark, like [Start],
+// New starts a forge on 127.0.0.1 (or [Config.ListenIP]) for a test or benchmark, like [Start],
 // and closes it when tb and all its subtests have finished, reporting an
 // error from [Forge.Close] with tb.Errorf. If the forge cannot start, New
 // fails tb with tb.Fatalf; like tb.Fatal, it must therefore be called from
@@ -167,7 +210,7 @@ func New(tb testing.TB, cfg Config) *Forge {
 	return f
 }
 
-// Start starts a forge on 127.0.0.1: the DNS server, Pebble and the broker.
+// Start starts a forge on 127.0.0.1 (or [Config.ListenIP]): the DNS server, Pebble and the broker.
 // Call [Forge.Close] when done. Tests use [New], which closes the forge
 // with the test.
 func Start(cfg Config) (*Forge, error) {

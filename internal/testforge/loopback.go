@@ -2,6 +2,8 @@ package testforge
 
 import (
 	"crypto/tls"
+	"net/netip"
+	"slices"
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/connmgr"
@@ -81,15 +83,65 @@ func (f *Forge) DialerOptions() []libp2p.Option {
 	}
 }
 
+// PrefixGater returns a connection gater that refuses every dial to, and
+// every connection from, an address outside loopback and prefixes.
+func PrefixGater(prefixes ...netip.Prefix) connmgr.ConnectionGater {
+	return prefixGater{slices.Clone(prefixes)}
+}
+
+type prefixGater struct{ prefixes []netip.Prefix }
+
+func (g prefixGater) allowed(a ma.Multiaddr) bool {
+	if manet.IsIPLoopback(a) {
+		return true
+	}
+	ip, err := manet.ToIP(a)
+	if err != nil {
+		return false
+	}
+	addr, ok := netip.AddrFromSlice(ip)
+	if !ok {
+		return false
+	}
+	addr = addr.Unmap()
+	for _, p := range g.prefixes {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
+}
+
+func (prefixGater) InterceptPeerDial(peer.ID) bool { return true }
+
+func (g prefixGater) InterceptAddrDial(_ peer.ID, a ma.Multiaddr) bool { return g.allowed(a) }
+
+func (g prefixGater) InterceptAccept(c network.ConnMultiaddrs) bool {
+	return g.allowed(c.RemoteMultiaddr())
+}
+
+func (prefixGater) InterceptSecured(network.Direction, peer.ID, network.ConnMultiaddrs) bool {
+	return true
+}
+
+func (prefixGater) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) {
+	return true, 0
+}
+
 // dialBackOptions are the options of the broker's throwaway probe host:
 // like the public broker's (no listen addresses, no relay, TLS and Noise,
-// yamux), with TCP, QUIC and WebSocket, confined to loopback and the forge.
+// yamux), with TCP, QUIC and WebSocket, confined to loopback (and
+// [Config.DialBackPrefixes]) and the forge.
 func (f *Forge) dialBackOptions() []libp2p.Option {
+	gater := LoopbackGater()
+	if len(f.cfg.DialBackPrefixes) > 0 {
+		gater = PrefixGater(f.cfg.DialBackPrefixes...)
+	}
 	return []libp2p.Option{
 		libp2p.NoListenAddrs,
 		libp2p.DisableRelay(),
 		libp2p.DisableMetrics(),
-		libp2p.ConnectionGater(LoopbackGater()),
+		libp2p.ConnectionGater(gater),
 		libp2p.MultiaddrResolver(f.multiaddrResolver()),
 		libp2p.Transport(tcp.NewTCPTransport),
 		libp2p.Transport(quic.NewTransport),

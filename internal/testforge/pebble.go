@@ -68,7 +68,7 @@ func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.
 
 	v, frontEnd := newVAAndWFE(cfg, plog, store, authority, dnsAddr)
 
-	tlsCert, leaf, err := selfSignedLoopbackCert()
+	tlsCert, leaf, err := selfSignedLoopbackCert(cfg.listenIP().AsSlice())
 	if err != nil {
 		stopVA(v, logger)
 		return nil, fmt.Errorf("making the ACME endpoint's TLS certificate: %w", err)
@@ -83,7 +83,7 @@ func startPebble(cfg Config, dnsAddr string, logger *slog.Logger, count *atomic.
 	// Seen with 50 hosts issuing at once. New orders therefore never run
 	// alongside requests on authorizations.
 	var orderMu sync.RWMutex
-	srv, err := newLoopbackServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv, err := newServer(cfg.listenIP(), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		count.Add(1)
 		switch {
 		case r.URL.Path == "/order-plz":
@@ -255,9 +255,10 @@ func stopVA(v *va.VAImpl, logger *slog.Logger) {
 }
 
 // selfSignedLoopbackCert makes a fresh self-signed ECDSA certificate for
-// 127.0.0.1 and localhost, for the ACME endpoint (faster than httptest's
-// shared RSA certificate, and not a publicly known key).
-func selfSignedLoopbackCert() (tls.Certificate, *x509.Certificate, error) {
+// 127.0.0.1 and localhost (and extraIP, if not loopback), for the ACME
+// endpoint (faster than httptest's shared RSA certificate, and not a
+// publicly known key).
+func selfSignedLoopbackCert(extraIP net.IP) (tls.Certificate, *x509.Certificate, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return tls.Certificate{}, nil, err
@@ -278,6 +279,9 @@ func selfSignedLoopbackCert() (tls.Certificate, *x509.Certificate, error) {
 		IsCA:                  true,
 		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
 		DNSNames:              []string{"localhost"},
+	}
+	if extraIP != nil && !extraIP.IsLoopback() {
+		tmpl.IPAddresses = append(tmpl.IPAddresses, extraIP)
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
