@@ -27,7 +27,6 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/protocol/autonatv2"
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
-	"go.uber.org/fx"
 
 	"github.com/p2ptls/autotls/internal/testforge"
 	"github.com/p2ptls/autotls/storage"
@@ -92,92 +91,6 @@ func tcpOnly(f *testforge.Forge) []libp2p.Option {
 	// The first of them is the listen addresses; the gater and the
 	// forge's DNS stay.
 	return append([]libp2p.Option{libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0")}, opts[1:]...)
-}
-
-// eventLog records every event of type T on a host's bus from its start.
-type eventLog[T any] struct {
-	mu   sync.Mutex
-	evs  []T
-	more chan struct{}
-	stop func()
-}
-
-func (l *eventLog[T]) option(t testing.TB) libp2p.Option {
-	l.more = make(chan struct{})
-	l.stop = func() {}
-	return libp2p.WithFxOption(fx.Invoke(func(h host.Host) error {
-		sub, err := h.EventBus().Subscribe(new(T), eventbus.BufSize(256))
-		if err != nil {
-			return err
-		}
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			for e := range sub.Out() {
-				l.mu.Lock()
-				l.evs = append(l.evs, e.(T))
-				close(l.more)
-				l.more = make(chan struct{})
-				l.mu.Unlock()
-			}
-		}()
-		var once sync.Once
-		l.stop = func() { once.Do(func() { sub.Close(); <-done }) }
-		t.Cleanup(l.stop)
-		return nil
-	}))
-}
-
-func (l *eventLog[T]) all() []T {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return slices.Clone(l.evs)
-}
-
-// waitFor waits until an event from index from on satisfies ok, and
-// returns its index and the event.
-func (l *eventLog[T]) waitFor(t testing.TB, from int, what string, ok func(T) bool) (int, T) {
-	t.Helper()
-	timeout := time.After(30 * time.Second)
-	for {
-		l.mu.Lock()
-		evs, more := slices.Clone(l.evs), l.more
-		l.mu.Unlock()
-		for i := from; i < len(evs); i++ {
-			if ok(evs[i]) {
-				return i, evs[i]
-			}
-		}
-		select {
-		case <-more:
-		case <-timeout:
-			var zero T
-			t.Fatalf("no %s within 30 s; events so far: %+v", what, evs)
-			return 0, zero
-		}
-	}
-}
-
-// wait is waitFor from 0 without failing: it reports whether an event
-// satisfied ok within d.
-func (l *eventLog[T]) wait(d time.Duration, ok func(T) bool) (T, bool) {
-	timeout := time.After(d)
-	for {
-		l.mu.Lock()
-		evs, more := slices.Clone(l.evs), l.more
-		l.mu.Unlock()
-		for _, e := range evs {
-			if ok(e) {
-				return e, true
-			}
-		}
-		select {
-		case <-more:
-		case <-timeout:
-			var zero T
-			return zero, false
-		}
-	}
 }
 
 // waitReach waits for an EvtReachabilityChanged with state st.

@@ -144,19 +144,21 @@ func startRig(t *testing.T, f *testforge.Forge, clk *fakeClock, libp2pOpts []lib
 // failureLog records every EvtIssuanceFailed of a host from its start: the
 // event is not stateful, so a subscriber made after libp2p.New could miss
 // the first ones.
-type failureLog struct {
+type failureLog struct{ eventLog[EvtIssuanceFailed] }
+
+// eventLog records every event of type T on a host's bus from its start.
+type eventLog[T any] struct {
 	mu   sync.Mutex
-	evs  []EvtIssuanceFailed
-	more chan struct{} // closed and replaced on every event
+	evs  []T
+	more chan struct{}
 	stop func()
 }
 
-// option subscribes the log to the host's bus before the host starts.
-func (l *failureLog) option(t testing.TB) libp2p.Option {
+func (l *eventLog[T]) option(t testing.TB) libp2p.Option {
 	l.more = make(chan struct{})
 	l.stop = func() {}
 	return libp2p.WithFxOption(fx.Invoke(func(h host.Host) error {
-		sub, err := h.EventBus().Subscribe(new(EvtIssuanceFailed), eventbus.BufSize(256))
+		sub, err := h.EventBus().Subscribe(new(T), eventbus.BufSize(256))
 		if err != nil {
 			return err
 		}
@@ -165,7 +167,7 @@ func (l *failureLog) option(t testing.TB) libp2p.Option {
 			defer close(done)
 			for e := range sub.Out() {
 				l.mu.Lock()
-				l.evs = append(l.evs, e.(EvtIssuanceFailed))
+				l.evs = append(l.evs, e.(T))
 				close(l.more)
 				l.more = make(chan struct{})
 				l.mu.Unlock()
@@ -178,11 +180,56 @@ func (l *failureLog) option(t testing.TB) libp2p.Option {
 	}))
 }
 
-// all returns the failures so far.
-func (l *failureLog) all() []EvtIssuanceFailed {
+func (l *eventLog[T]) all() []T {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return slices.Clone(l.evs)
+}
+
+// waitFor waits until an event from index from on satisfies ok, and
+// returns its index and the event.
+func (l *eventLog[T]) waitFor(t testing.TB, from int, what string, ok func(T) bool) (int, T) {
+	t.Helper()
+	timeout := time.After(30 * time.Second)
+	for {
+		l.mu.Lock()
+		evs, more := slices.Clone(l.evs), l.more
+		l.mu.Unlock()
+		for i := from; i < len(evs); i++ {
+			if ok(evs[i]) {
+				return i, evs[i]
+			}
+		}
+		select {
+		case <-more:
+		case <-timeout:
+			var zero T
+			t.Fatalf("no %s within 30 s; events so far: %+v", what, evs)
+			return 0, zero
+		}
+	}
+}
+
+// wait is waitFor from 0 without failing: it reports whether an event
+// satisfied ok within d.
+func (l *eventLog[T]) wait(d time.Duration, ok func(T) bool) (T, bool) {
+	timeout := time.After(d)
+	for {
+		l.mu.Lock()
+		evs, more := slices.Clone(l.evs), l.more
+		l.mu.Unlock()
+		for _, e := range evs {
+			if ok(e) {
+				return e, true
+			}
+		}
+		select {
+		case <-more:
+		case <-timeout:
+			var zero T
+			return zero, false
+		}
+	}
 }
 
 // last waits for at least one failure and returns the latest.

@@ -11,7 +11,6 @@ import (
 	"reflect"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -20,76 +19,30 @@ import (
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/host"
-	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 	ma "github.com/multiformats/go-multiaddr"
-	"go.uber.org/fx"
 
 	"github.com/p2ptls/autotls/internal/testforge"
 	"github.com/p2ptls/autotls/storage"
 )
 
 // statusLog records every EvtStatusChanged of a host from its start.
-type statusLog struct {
-	mu   sync.Mutex
-	evs  []Status
-	more chan struct{} // closed and replaced on every event
-	stop func()        // ends the subscription; call before a leak check
-}
-
-// option subscribes the log to the host's bus before the host starts.
-func (l *statusLog) option(t testing.TB) libp2p.Option {
-	l.more = make(chan struct{})
-	l.stop = func() {}
-	return libp2p.WithFxOption(fx.Invoke(func(h host.Host) error {
-		sub, err := h.EventBus().Subscribe(new(EvtStatusChanged), eventbus.BufSize(1024))
-		if err != nil {
-			return err
-		}
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			for e := range sub.Out() {
-				l.mu.Lock()
-				l.evs = append(l.evs, e.(EvtStatusChanged).Status)
-				close(l.more)
-				l.more = make(chan struct{})
-				l.mu.Unlock()
-			}
-		}()
-		var once sync.Once
-		l.stop = func() { once.Do(func() { sub.Close(); <-done }) }
-		t.Cleanup(l.stop)
-		return nil
-	}))
-}
+type statusLog struct{ eventLog[EvtStatusChanged] }
 
 // all returns the statuses so far.
 func (l *statusLog) all() []Status {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return slices.Clone(l.evs)
+	var out []Status
+	for _, e := range l.eventLog.all() {
+		out = append(out, e.Status)
+	}
+	return out
 }
 
 // waitFor waits for a status from the from-th on that satisfies ok, and
 // returns it and its index.
 func (l *statusLog) waitFor(t testing.TB, from int, what string, ok func(Status) bool) (Status, int) {
 	t.Helper()
-	timeout := time.After(30 * time.Second)
-	for {
-		l.mu.Lock()
-		evs, more := l.evs, l.more
-		l.mu.Unlock()
-		for i := from; i < len(evs); i++ {
-			if ok(evs[i]) {
-				return evs[i], i
-			}
-		}
-		select {
-		case <-more:
-		case <-timeout:
-			t.Fatalf("no status %s within 30 s; states: %v", what, l.states(0))
-		}
-	}
+	i, e := l.eventLog.waitFor(t, from, "status "+what, func(e EvtStatusChanged) bool { return ok(e.Status) })
+	return e.Status, i
 }
 
 // waitState waits for state s from the from-th status on.
