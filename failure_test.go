@@ -66,6 +66,19 @@ func TestClassifyKey(t *testing.T) {
 	}
 }
 
+// TestClassifyNoBrokerAddrs: a host left with no address for the broker
+// between the gate and the challenge is said as its own reachability, not
+// as the CA failing, though the error comes back through the CA's order.
+func TestClassifyNoBrokerAddrs(t *testing.T) {
+	t.Parallel()
+	err := fmt.Errorf("[*.x.libp2p.direct] Obtain: %w", &caError{ca: "https://ca/dir",
+		err: fmt.Errorf("presenting the challenge for x: %w", errNoBrokerAddrs("the host has no public TCP address to offer the broker"))})
+	f := classify(err, time.Now())
+	if f.kind != kindUnreachable || !strings.Contains(f.sentence, "no public TCP address") {
+		t.Errorf("classified as %s: %q", f.kind, f.sentence)
+	}
+}
+
 // TestClassifyDelays: what each failure asks of the run loop.
 func TestClassifyDelays(t *testing.T) {
 	t.Parallel()

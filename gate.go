@@ -8,7 +8,6 @@ package autotls
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -425,7 +424,7 @@ func (m *manager) brokerAddrs() ([]ma.Multiaddr, error) {
 			}
 		}
 		if len(out) == 0 {
-			return nil, errors.New("the host has no TCP address to offer the broker")
+			return nil, errNoBrokerAddrs("the host has no TCP address to offer the broker")
 		}
 		return out, nil
 	}
@@ -439,7 +438,7 @@ func (m *manager) brokerAddrs() ([]ma.Multiaddr, error) {
 	if st, addrs, _ := assess(in); st == ReachabilityPublic {
 		return addrs, nil
 	}
-	return nil, errors.New("the host has no public TCP address to offer the broker; it must be reachable from the internet over TCP (or use WithAllowPrivateAddrs on a private forge)")
+	return nil, errNoBrokerAddrs("the host has no public TCP address to offer the broker; it must be reachable from the internet over TCP (or use WithAllowPrivateAddrs on a private forge)")
 }
 
 // brokerRequestAddrs is the solver's source of addresses: brokerAddrs,
@@ -451,3 +450,10 @@ func (m *manager) brokerRequestAddrs() ([]ma.Multiaddr, error) {
 	}
 	return addrs, err
 }
+
+// errNoBrokerAddrs: the host had no address for the broker to dial back
+// when the challenge was due (its reachability changed since the gate
+// opened). classify says it as the host's reachability, not the CA's.
+type errNoBrokerAddrs string
+
+func (e errNoBrokerAddrs) Error() string { return string(e) }

@@ -114,6 +114,7 @@ func classify(err error, now time.Time) failure {
 		nyv  *notYetValidError
 		exp  *expiredError
 		pe   *profileError
+		na   errNoBrokerAddrs
 	)
 	switch {
 	case errors.As(err, &be):
@@ -148,6 +149,9 @@ func classify(err error, now time.Time) failure {
 		// attempt soon would read the same.
 		return failure{kind: kindCA, key: "ca profile", permanent: true,
 			sentence: "certificate request not sent: " + pe.Error()}
+	case errors.As(err, &na):
+		return failure{kind: kindUnreachable, key: "no broker addrs",
+			sentence: "certificate request stopped: " + na.Error()}
 	case errors.As(err, &txt):
 		return failure{kind: kindTXT, key: string(kindTXT),
 			sentence: "the broker accepted the challenge but its TXT record did not become visible; check that the resolver reaches the forge's DNS"}

@@ -74,7 +74,8 @@ type Status struct {
 // [EvtIssuanceFailed]).
 type Failure struct {
 	// Kind sorts failures by what to do about them: broker,
-	// broker_unreachable (the broker could not dial the host back),
+	// broker_unreachable (the broker could not dial the host back, or
+	// the host had no public TCP address to give it),
 	// txt_not_visible, ca, ca_unreachable, ca_validation, ca_rate_limited,
 	// storage, lock, budget (the CA's weekly limit for the name) or other.
 	// It is the "kind" of the manager's log line and of the
