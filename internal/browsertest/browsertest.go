@@ -121,8 +121,14 @@ func DistDir() (string, error) {
 	}
 	dist := filepath.Join(root, "examples", "browser", "dist")
 	for _, f := range []string{"index.html", "main.js"} {
-		if _, err := os.Stat(filepath.Join(dist, f)); err != nil {
+		built, err := os.Stat(filepath.Join(dist, f))
+		if err != nil {
 			return "", fmt.Errorf("browsertest: the browser demo is not built (%w); run .ci/browser-setup.sh", err)
+		}
+		// A page built before its source changed tests the old page.
+		src, err := os.Stat(filepath.Join(root, "examples", "browser", f))
+		if err == nil && src.ModTime().After(built.ModTime()) {
+			return "", fmt.Errorf("browsertest: the browser demo in %s is older than examples/browser/%s; run .ci/browser-setup.sh to rebuild it", dist, f)
 		}
 	}
 	return dist, nil
