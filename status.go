@@ -149,8 +149,11 @@ func (s Status) String() string {
 		fmt.Fprintf(&b, ": waiting for the registration delay to pass, until %s", at(s.NextAttempt))
 	case StateWaitingReachability:
 		b.WriteString(": waiting for AutoNAT to confirm a publicly reachable TCP address")
-		if n := len(s.Reachability.Unreachable); n > 0 {
+		switch {
+		case len(s.Reachability.Unreachable) > 0:
 			fmt.Fprintf(&b, " (unreachable: %v)", s.Reachability.Unreachable)
+		case s.Reachability.State == ReachabilityNoPeers:
+			b.WriteString(" (no peer connected: AutoNAT has no one to ask)")
 		}
 	case StateWaitingBroker:
 		b.WriteString(": waiting for the broker's health check")

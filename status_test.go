@@ -412,6 +412,8 @@ func TestStatusString(t *testing.T) {
 			"waiting_registration_delay: waiting for the registration delay to pass, until 2026-11-26T16:00:00Z"},
 		{Status{State: StateWaitingReachability, Reachability: reach},
 			"waiting_reachability: waiting for AutoNAT to confirm a publicly reachable TCP address (unreachable: [/ip4/11.0.0.7/tcp/4001])"},
+		{Status{State: StateWaitingReachability, Reachability: ReachabilityView{State: ReachabilityNoPeers}},
+			"waiting_reachability: waiting for AutoNAT to confirm a publicly reachable TCP address (no peer connected: AutoNAT has no one to ask)"},
 		{Status{State: StateWaitingReachability, NotAfter: at},
 			"waiting_reachability: waiting for AutoNAT to confirm a publicly reachable TCP address; the certificate in use is valid until 2026-11-26T16:00:00Z"},
 		{Status{State: StateWaitingBroker, LastFailure: fail, NextAttempt: at},
