@@ -178,11 +178,13 @@ func runProduction(ctx context.Context, logger *slog.Logger, port int, dataDir s
 	}
 	step("data directory: %s (keep it: Let's Encrypt issues 5 certificates per name per week)", dataDir)
 
-	h, err := libp2p.New(cfg.hostOptions(key, store, logger)...)
+	info := &infoHandler{agent: agent}
+	h, err := libp2p.New(cfg.hostOptions(key, store, logger, info)...)
 	if err != nil {
 		return err
 	}
 	defer h.Close()
+	info.set(h)
 	defer followStatus(h)()
 	step("host started: %s, listening on TCP and UDP port %d", h.ID(), port)
 	defer cfg.keepPeers(ctx, h)() // AutoNAT needs peers to ask
@@ -192,6 +194,7 @@ func runProduction(ctx context.Context, logger *slog.Logger, port int, dataDir s
 		return err
 	}
 	printBrowserAddrs(h, addrs)
+	printHTTPAddrs(h, "") // a browser trusts Let's Encrypt: no root file to give curl
 	step("serving; press Ctrl-C to stop")
 	<-ctx.Done()
 	step("stopping")

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"strings"
 	"sync"
 	"time"
@@ -110,9 +111,10 @@ func parsePeers(list []string) ([]peer.AddrInfo, error) {
 }
 
 // hostOptions are the libp2p options of the production node.
-func (c prodConfig) hostOptions(key crypto.PrivKey, store certmagic.Storage, logger *slog.Logger) []libp2p.Option {
+func (c prodConfig) hostOptions(key crypto.PrivKey, store certmagic.Storage, logger *slog.Logger, info http.Handler) []libp2p.Option {
 	opts := []libp2p.Option{
 		libp2p.Identity(key),
+		libp2p.UserAgent(agent),
 		libp2p.ListenAddrStrings(
 			fmt.Sprintf("/ip4/0.0.0.0/tcp/%d", c.port),
 			fmt.Sprintf("/ip6/::/tcp/%d", c.port),
@@ -121,7 +123,8 @@ func (c prodConfig) hostOptions(key crypto.PrivKey, store certmagic.Storage, log
 		),
 		libp2p.NATPortMap(),      // ask the router (UPnP / NAT-PMP) to forward the port
 		libp2p.EnableAutoNATv2(), // a verdict per address: TCP's, not QUIC's
-		autotls.Option(autotls.WithStorage(store), autotls.WithLogger(logger)),
+		autotls.Option(autotls.WithStorage(store), autotls.WithLogger(logger),
+			autotls.WithHTTPHandler(info)), // HTTPS on the WSS port: see http.go
 	}
 	if c.public {
 		opts = append(opts, libp2p.ForceReachabilityPublic())

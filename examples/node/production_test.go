@@ -78,7 +78,7 @@ func TestProductionConfig(t *testing.T) {
 				t.Fatal(err)
 			}
 			var lc libp2p.Config
-			if err := lc.Apply(c.hostOptions(key, storage.Memory(), slog.New(slog.DiscardHandler))...); err != nil {
+			if err := lc.Apply(c.hostOptions(key, storage.Memory(), slog.New(slog.DiscardHandler), &infoHandler{agent: agent})...); err != nil {
 				t.Fatal(err)
 			}
 			var listen []string
