@@ -13,7 +13,9 @@
 //
 // A peer built with [Forge.PeerOptions] (or [Forge.NewPeer]) trusts only
 // the forge's CA and dials addr over Secure WebSockets; a browser trusts
-// the file [Forge.RootPEMFile] names. Methods such as [Forge.BrokerDown],
+// the file [Forge.RootPEMFile] names. For a host that serves HTTP
+// (autotls.WithHTTPHandler), [Forge.WaitHTTPAddr] waits for its /http
+// address and [Forge.HTTPClient] fetches from it over HTTPS and HTTP/2. Methods such as [Forge.BrokerDown],
 // [Forge.FailBroker], [Forge.DelayTXT], [Forge.RateLimitCA] and
 // [Forge.RefuseDialBack] drive the forge into the failures an application
 // should survive, and [WithCertValidity] makes certificates short-lived so
@@ -30,6 +32,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
@@ -46,8 +49,8 @@ import (
 	"github.com/p2ptls/autotls/storage"
 )
 
-// DefaultWaitTimeout bounds the waits of [Forge.WaitBrowserAddr] and
-// [Forge.WaitIssuanceFailed] unless [WithWaitTimeout] says otherwise.
+// DefaultWaitTimeout bounds the waits of [Forge.WaitBrowserAddr],
+// [Forge.WaitHTTPAddr] and [Forge.WaitIssuanceFailed] unless [WithWaitTimeout] says otherwise.
 const DefaultWaitTimeout = 30 * time.Second
 
 // Option configures [New].
@@ -75,8 +78,8 @@ func WithDomain(domain string) Option {
 	return func(c *config) { c.forge.Domain = domain }
 }
 
-// WithWaitTimeout bounds the waits of [Forge.WaitBrowserAddr] and
-// [Forge.WaitIssuanceFailed]. Without it, they wait at most
+// WithWaitTimeout bounds the waits of [Forge.WaitBrowserAddr],
+// [Forge.WaitHTTPAddr] and [Forge.WaitIssuanceFailed]. Without it, they wait at most
 // [DefaultWaitTimeout].
 func WithWaitTimeout(d time.Duration) Option {
 	return func(c *config) { c.waitTimeout = d }
@@ -93,6 +96,7 @@ type Forge struct {
 	ca          *testforge.CAProxy
 	waitTimeout time.Duration
 	faults      faults
+	http        *http.Transport // of the clients HTTPClient returns
 
 	mu    sync.Mutex
 	hosts map[peer.ID]*record // hosts built with HostOptions, by identity
@@ -102,10 +106,10 @@ type Forge struct {
 }
 
 // New starts a forge on 127.0.0.1 and stops it when tb and its subtests
-// have finished; hosts built with [Forge.HostOptions] and given to
-// [Forge.WaitBrowserAddr] or [Forge.WaitIssuanceFailed], and peers from
-// [Forge.NewPeer], that are still open are closed first. If the forge
-// cannot start, New fails tb with tb.Fatalf, so it must be called from the
+// have finished; the idle connections of [Forge.HTTPClient]'s clients,
+// hosts built with [Forge.HostOptions] and given to one of the Wait
+// methods, and peers from [Forge.NewPeer], that are still open, are
+// closed first. If the forge cannot start, New fails tb with tb.Fatalf, so it must be called from the
 // goroutine running the test.
 //
 // The CA is fronted by a proxy on loopback, through which every ACME
@@ -144,12 +148,15 @@ func start(tb testing.TB, c config) (*Forge, error) {
 		hosts:       make(map[peer.ID]*record),
 		open:        make(map[*record]host.Host),
 	}
+	f.http = f.newHTTPTransport()
 	f.installFaults()
 	return f, nil
 }
 
-// close closes the hosts still open, then the CA's proxy, then the forge.
+// close closes the HTTP clients' idle connections and the hosts still
+// open, then the CA's proxy, then the forge.
 func (f *Forge) close() {
+	f.http.CloseIdleConnections()
 	f.closeHosts()
 	f.ca.Close()
 	if err := f.f.Close(); err != nil {
@@ -199,9 +206,9 @@ func (f *Forge) Domain() string { return f.f.Domain }
 // 127.0.0.1 only (TCP and QUIC, ports chosen by the system), refuse
 // non-loopback connections (a connection gater), and resolve multiaddrs
 // through the forge's DNS. They also record the host's autotls events from
-// its start, for [Forge.WaitBrowserAddr] and [Forge.WaitIssuanceFailed],
-// and, once the host was given to one of those, have it closed when the
-// test ends, before the forge stops (close other hosts yourself).
+// its start, for the Wait methods, and, once the host was given to one of
+// them, have it closed when the test ends, before the forge stops (close
+// other hosts yourself).
 //
 // They combine with autotls.Option and other options, but not with
 // another libp2p.ConnectionGater (libp2p refuses two) or

@@ -2,13 +2,14 @@ package autotlstest_test
 
 // The examples are test bodies: t stands for the *testing.T of the test
 // they are written in. They are compiled, not run (they have no output);
-// faults_test.go runs the same steps.
+// faults_test.go and http_test.go run the same steps.
 
 import (
 	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"testing"
 	"time"
@@ -45,6 +46,34 @@ func Example() {
 		t.Fatal(res.Error)
 	}
 	t.Logf("pinged %s over %s in %v", h.ID(), addr, res.RTT)
+}
+
+// A host that serves HTTP (autotls.WithHTTPHandler) is fetched over HTTPS
+// and HTTP/2 by the name on its certificate, with a client that trusts
+// only the forge's CA and resolves through the forge's DNS.
+func ExampleForge_HTTPClient() {
+	var t *testing.T // the test's t
+
+	f := autotlstest.New(t)
+	mux := http.NewServeMux()
+	mux.HandleFunc("/hello", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "hello") })
+	h, err := libp2p.New(append(f.HostOptions(), autotls.Option(append(f.Options(), autotls.WithHTTPHandler(mux))...))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := f.WaitHTTPAddr(t, h)        // /ip4/127.0.0.1/tcp/<port>/tls/sni/127-0-0-1.<peerid>.libp2p.direct/http
+	url := autotlstest.HTTPURL(t, addr) // https://127-0-0-1.<peerid>.libp2p.direct:<port>
+
+	resp, err := f.HTTPClient().Get(url + "/hello")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.Proto != "HTTP/2.0" {
+		t.Fatalf("%s %s %q: %v", resp.Proto, resp.Status, body, err)
+	}
+	t.Logf("%s says %s", url, body)
 }
 
 // While the broker is down the host reports the failure and keeps its

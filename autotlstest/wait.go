@@ -2,6 +2,7 @@ package autotlstest
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -131,11 +132,21 @@ func (f *Forge) recordOf(tb testing.TB, h host.Host) (*record, func()) {
 // WaitBrowserAddr waits until h announces an address that a browser can
 // dial, /ipX/.../tls/sni/<ip>.<peerid>.<forge>/ws (or the /dnsX/.../tls/ws
 // form with autotls.WithShortAddrs), and returns it. If none comes within
-// the wait's bound ([WithWaitTimeout]), it fails tb with the last
-// autotls.EvtIssuanceFailed the host reported: its cause, attempt and next
-// retry. Hosts built without [Forge.HostOptions] report only the failures
-// after the call.
+// the wait's bound ([WithWaitTimeout]), it fails tb with the host's
+// autotls status (what its certificate manager is doing or waits for, and
+// when it tries next, as autotls.Status.String says it) and the cause and
+// attempt of the last autotls.EvtIssuanceFailed the host reported. Hosts
+// built without [Forge.HostOptions] report only the failures after the
+// call.
 func (f *Forge) WaitBrowserAddr(tb testing.TB, h host.Host) ma.Multiaddr {
+	tb.Helper()
+	return f.waitAddr(tb, h, "browser address", f.isBrowserAddr, func() string { return "" })
+}
+
+// waitAddr waits until h announces an address match accepts, and returns
+// the first, preferring IPv4. If none comes within the wait's bound, it
+// fails tb: h announced no <what>, hint(), then why.
+func (f *Forge) waitAddr(tb testing.TB, h host.Host, what string, match func(ma.Multiaddr) bool, hint func() string) ma.Multiaddr {
 	tb.Helper()
 	r, stop := f.recordOf(tb, h)
 	defer stop()
@@ -147,7 +158,7 @@ func (f *Forge) WaitBrowserAddr(tb testing.TB, h host.Host) ma.Multiaddr {
 	ctx, cancel := context.WithTimeout(context.Background(), f.waitTimeout)
 	defer cancel()
 	for {
-		if a := f.browserAddr(h); a != nil {
+		if a := f.firstAddr(h, match); a != nil {
 			return a
 		}
 		_, _, more := r.state()
@@ -158,15 +169,43 @@ func (f *Forge) WaitBrowserAddr(tb testing.TB, h host.Host) ma.Multiaddr {
 			// The address factory's result is read here again in case an
 			// update was coalesced.
 		case <-ctx.Done():
-			last, ok, _ := r.state()
-			if !ok {
-				tb.Fatalf("autotlstest: host %s announced no browser address within %v and reported no issuance failure; its addresses: %v", h.ID(), f.waitTimeout, h.Addrs())
-			}
-			tb.Fatalf("autotlstest: host %s announced no browser address within %v; its last issuance failure (attempt %d, next retry %s): %v",
-				h.ID(), f.waitTimeout, last.Attempt, last.NextRetry.Format(time.RFC3339), last.Err)
+			tb.Fatalf("autotlstest: host %s announced no %s within %v%s; %s; its addresses: %v",
+				h.ID(), what, f.waitTimeout, hint(), why(h, r), h.Addrs())
 			return nil
 		}
 	}
+}
+
+// why says why h has no certificate, or what it is doing: its autotls
+// status and its last issuance failure's error.
+func why(h host.Host, r *record) string {
+	status, ok := statusLine(h)
+	last, failed, _ := r.state()
+	switch {
+	case !failed:
+		return status + "; no issuance failure reported"
+	case ok: // the status has the failure's time and sentence
+		return fmt.Sprintf("%s; last issuance failure (attempt %d): %v", status, last.Attempt, last.Err)
+	default:
+		return fmt.Sprintf("%s; last issuance failure (attempt %d, next retry %s): %v",
+			status, last.Attempt, last.NextRetry.Format(time.RFC3339), last.Err)
+	}
+}
+
+// statusTimeout bounds the read of a host's autotls status when a wait
+// fails; a host built with autotls.Option has it at hand at once.
+const statusTimeout = time.Second
+
+// statusLine returns "autotls status: " and h's status in one line; ok
+// false if h has none.
+func statusLine(h host.Host) (line string, ok bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), statusTimeout)
+	defer cancel()
+	s, err := autotls.StatusOf(ctx, h)
+	if err != nil {
+		return fmt.Sprintf("no autotls status within %v (is the host built with autotls.Option?)", statusTimeout), false
+	}
+	return "autotls status: " + s.String(), true
 }
 
 // WaitIssuanceFailed waits for the next autotls.EvtIssuanceFailed of h,
@@ -199,12 +238,12 @@ func (f *Forge) WaitIssuanceFailed(tb testing.TB, h host.Host) autotls.EvtIssuan
 	}
 }
 
-// browserAddr returns h's first announced address that a browser can
-// dial under the forge's domain, preferring IPv4; nil if none.
-func (f *Forge) browserAddr(h host.Host) ma.Multiaddr {
+// firstAddr returns h's first announced address that match accepts,
+// preferring IPv4; nil if none.
+func (f *Forge) firstAddr(h host.Host, match func(ma.Multiaddr) bool) ma.Multiaddr {
 	var found ma.Multiaddr
 	for _, a := range h.Addrs() {
-		if !f.isBrowserAddr(a) {
+		if !match(a) {
 			continue
 		}
 		if _, err := a.ValueForProtocol(ma.P_IP6); err != nil {
@@ -220,17 +259,33 @@ func (f *Forge) browserAddr(h host.Host) ma.Multiaddr {
 // isBrowserAddr reports whether a is a /tls/.../ws address whose name
 // (SNI or DNS) is a concrete name under the forge's domain.
 func (f *Forge) isBrowserAddr(a ma.Multiaddr) bool {
+	for _, c := range a {
+		if c.Code() == ma.P_WS {
+			return f.isForgeTLSAddr(a)
+		}
+	}
+	return false
+}
+
+// isForgeTLSAddr reports whether a has /tls and a name (SNI or DNS) that
+// is a concrete name under the forge's domain.
+func (f *Forge) isForgeTLSAddr(a ma.Multiaddr) bool {
 	var name string
-	var tls, ws bool
+	var tls bool
 	for _, c := range a {
 		switch c.Code() {
 		case ma.P_SNI, ma.P_DNS, ma.P_DNS4, ma.P_DNS6:
 			name = c.Value()
 		case ma.P_TLS:
 			tls = true
-		case ma.P_WS:
-			ws = true
 		}
 	}
-	return tls && ws && !strings.HasPrefix(name, "*") && strings.HasSuffix(name, "."+f.f.Domain)
+	return tls && f.isForgeName(name)
+}
+
+// isForgeName reports whether name is a concrete name under the forge's
+// domain (no wildcard).
+func (f *Forge) isForgeName(name string) bool {
+	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	return !strings.HasPrefix(name, "*") && strings.HasSuffix(name, "."+f.f.Domain)
 }

@@ -2,6 +2,8 @@ package downstream
 
 import (
 	"context"
+	"io"
+	"net/http"
 	"testing"
 	"time"
 
@@ -33,7 +35,9 @@ func TestBrowserDialable(t *testing.T) {
 	}
 }
 
-// TestNewNode runs the app's own constructor against the kit.
+// TestNewNode runs the app's own constructor against the kit: the host is
+// browser-dialable, and its HTTPS API answers over HTTP/2 by the name on
+// its certificate.
 func TestNewNode(t *testing.T) {
 	f := autotlstest.New(t)
 	h, err := NewNode(f.HostOptions(), f.Options()...)
@@ -41,4 +45,15 @@ func TestNewNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.WaitBrowserAddr(t, h)
+
+	url := autotlstest.HTTPURL(t, f.WaitHTTPAddr(t, h)) + "/id"
+	resp, err := f.HTTPClient().Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK || resp.Proto != "HTTP/2.0" || string(body) != h.ID().String() {
+		t.Fatalf("GET %s: %s %s %q (%v); want 200 over HTTP/2.0 with the peer ID %s", url, resp.Proto, resp.Status, body, err, h.ID())
+	}
 }
