@@ -69,8 +69,8 @@ import (
 //     host then also answers other peers' AutoNAT v2 requests, within
 //     go-libp2p's rate limits (60 a minute);
 //   - a certificate manager started and stopped with the host: it serves a
-//     stored certificate at once, otherwise waits for public reachability,
-//     the registration delay and broker health, obtains one, and renews it
+//     stored certificate at once, otherwise waits for the registration
+//     delay, public reachability and broker health, obtains one, and renews it
 //     before it expires, after the same reachability and broker checks.
 //     Its state is published on the host's event bus as
 //     [EvtCertificateLoaded], [EvtCertificateExpired],
