@@ -27,26 +27,7 @@ func TestNodeOffline(t *testing.T) {
 		main()
 		return
 	}
-	cmd := exec.Command(os.Args[0], "-test.run=^TestNodeOffline$")
-	cmd.Env = append(os.Environ(), "AUTOTLS_EXAMPLE_NODE=1")
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Process.Kill()
-
-	lines := make(chan string)
-	go func() {
-		defer close(lines)
-		s := bufio.NewScanner(out)
-		for s.Scan() {
-			lines <- s.Text()
-		}
-	}()
+	cmd, lines := startNode(t, "TestNodeOffline", "1")
 	var sawAddr, sawRoot, sawCheck bool
 	var curlLine string
 	timeout := time.After(60 * time.Second)
@@ -99,25 +80,7 @@ func TestNodeMetrics(t *testing.T) {
 		main()
 		return
 	}
-	cmd := exec.Command(os.Args[0], "-test.run=^TestNodeMetrics$")
-	cmd.Env = append(os.Environ(), "AUTOTLS_EXAMPLE_NODE=metrics")
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Process.Kill()
-	lines := make(chan string)
-	go func() {
-		defer close(lines)
-		s := bufio.NewScanner(out)
-		for s.Scan() {
-			lines <- s.Text()
-		}
-	}()
+	cmd, lines := startNode(t, "TestNodeMetrics", "metrics")
 
 	metricsRe := regexp.MustCompile(`metrics: (http://127\.0\.0\.1:\d+/metrics)`)
 	addrRe := regexp.MustCompile(`^\s*/ip4/127\.0\.0\.1/tcp/(\d+)/tls/sni/([^/]+)/ws/p2p/`)
@@ -197,4 +160,32 @@ wait:
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("the node did not stop cleanly: %v", err)
 	}
+}
+
+// startNode re-executes the test binary as the example program: test is
+// the test that runs main() when AUTOTLS_EXAMPLE_NODE is mode. It returns
+// the process and its stdout, a line at a time; the process is killed when
+// the test ends.
+func startNode(t *testing.T, test, mode string) (*exec.Cmd, <-chan string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^"+test+"$")
+	cmd.Env = append(os.Environ(), "AUTOTLS_EXAMPLE_NODE="+mode)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	lines := make(chan string)
+	go func() {
+		defer close(lines)
+		s := bufio.NewScanner(out)
+		for s.Scan() {
+			lines <- s.Text()
+		}
+	}()
+	return cmd, lines
 }
