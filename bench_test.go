@@ -556,16 +556,7 @@ func addStats(a, b testforge.Stats) testforge.Stats {
 func BenchmarkRestart(b *testing.B) {
 	quietLibp2p()
 	f := startForge(b, testforge.Config{})
-	key := benchKey(b)
-	store := storage.Memory()
-	h := benchHost(b, f, key, WithStorage(store))
-	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
-	if err != nil {
-		b.Fatal(err)
-	}
-	nextCert(b, sub.Out(), time.Minute)
-	sub.Close()
-	_ = h.Close()
+	key, store := storedCert(b, f)
 
 	var plain, stored []float64
 	before := f.Stats()
@@ -613,6 +604,24 @@ func restartHost(b *testing.B, f *testforge.Forge, key crypto.PrivKey, store cer
 		time.Sleep(50 * time.Microsecond)
 	}
 	return h, time.Since(start)
+}
+
+// storedCert has a host obtain a certificate into a new in-memory storage
+// and close, and returns its key and that storage: a restart from them
+// serves the stored certificate.
+func storedCert(b *testing.B, f *testforge.Forge) (crypto.PrivKey, certmagic.Storage) {
+	b.Helper()
+	key := benchKey(b)
+	store := storage.Memory()
+	h := benchHost(b, f, key, WithStorage(store))
+	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
+	if err != nil {
+		b.Fatal(err)
+	}
+	nextCert(b, sub.Out(), time.Minute)
+	sub.Close()
+	_ = h.Close()
+	return key, store
 }
 
 // ---- Handshakes ----

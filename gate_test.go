@@ -580,16 +580,7 @@ func TestGateNoPeers(t *testing.T) {
 func BenchmarkNewHostGate(b *testing.B) {
 	quietLibp2p()
 	f := startForge(b, testforge.Config{})
-	key := benchKey(b)
-	store := storage.Memory()
-	h := benchHost(b, f, key, WithStorage(store))
-	sub, err := h.EventBus().Subscribe(new(EvtCertificateLoaded))
-	if err != nil {
-		b.Fatal(err)
-	}
-	nextCert(b, sub.Out(), time.Minute)
-	sub.Close()
-	_ = h.Close()
+	key, store := storedCert(b, f)
 	for _, gate := range []bool{false, true} {
 		name := "no gate"
 		if gate {
