@@ -80,11 +80,20 @@ func (m *manager) noteReplaced(t *ws.WebsocketTransport) {
 // listener, rather than by one of ours.
 func (m *manager) userWSSOn(tcp ma.Multiaddr) bool {
 	for _, a := range m.sw.ListenAddresses() {
-		if isWSS(a) && !isForgeListenAddr(a, m.cfg.forgeDomain) && len(a) >= 2 && a[:2].Equal(tcp) {
+		if p, ok := m.userWSSPort(a); ok && p.Equal(tcp) {
 			return true
 		}
 	}
 	return false
+}
+
+// userWSSPort returns the /ipX/<ip>/tcp/<port> of a, a WSS address of the
+// user's (not a forge listen address).
+func (m *manager) userWSSPort(a ma.Multiaddr) (ma.Multiaddr, bool) {
+	if !isWSS(a) || isForgeListenAddr(a, m.cfg.forgeDomain) || len(a) < 2 || !isIPTCP(a[:2]) {
+		return nil, false
+	}
+	return a[:2], true
 }
 
 // announceShared wraps the user's address factory: for each address of a
@@ -97,10 +106,11 @@ func (m *manager) announceShared(user func([]ma.Multiaddr) []ma.Multiaddr) func(
 		var extra []ma.Multiaddr
 		if shared := m.sharedWSS.Load(); shared != nil {
 			for _, a := range in {
-				if !isWSS(a) || isForgeListenAddr(a, m.cfg.forgeDomain) || len(a) < 2 || !isIPTCP(a[:2]) || !onPortOf(a[:2], *shared) {
+				p, ok := m.userWSSPort(a)
+				if !ok || !onPortOf(p, *shared) {
 					continue
 				}
-				if w, ok := wssListenAddr(a[:2], m.cfg.forgeDomain); ok && !slices.ContainsFunc(extra, w.Equal) {
+				if w, ok := wssListenAddr(p, m.cfg.forgeDomain); ok && !slices.ContainsFunc(extra, w.Equal) {
 					extra = append(extra, w)
 				}
 			}
